@@ -194,3 +194,10 @@ class MessageTooLarge(LocalError):
 
 class ExtensionRequired(LocalError):
     """The message needs an extension (SMTPUTF8, 8BITMIME) the server lacks."""
+
+
+class ConfigurationError(PermanentError):
+    """The settings are wrong (an unreadable CA file, a bad fingerprint)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, phase=Phase.LOCAL)

@@ -1,0 +1,5 @@
+"""``python -m txstarttls``: the same as the ``txstarttls`` command."""
+
+from txstarttls.cli import main
+
+main()

@@ -1,0 +1,280 @@
+"""The ``txstarttls`` command: send one message, or try it against a local server.
+
+Exit statuses follow sysexits(3), as sendmail's and msmtp's do, so scripts
+can tell "try again later" (75) from "will never work" (69).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.utils import getProcessOutputAndValue
+
+from txstarttls import __version__
+from txstarttls.client import Timeouts
+from txstarttls.errors import (
+    ConfigurationError,
+    InvalidAddress,
+    InvalidArgument,
+    SMTPError,
+)
+from txstarttls.sasl import Credentials
+from txstarttls.session import Envelope, SendResult, Upstream, deliver
+from txstarttls.tls import TLSMode, TLSPolicy
+
+EX_OK = 0
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+class UsageError(Exception):
+    """A bad command line: exit 64."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="txstarttls", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    send = commands.add_parser(
+        "send",
+        help="send one message over verified STARTTLS",
+        description="Send one message as given (no header is added).",
+    )
+    add_upstream_options(send)
+    send.add_argument("--from", dest="sender", required=True, metavar="ADDR")
+    send.add_argument(
+        "--to", dest="recipients", action="append", required=True, metavar="ADDR"
+    )
+    send.add_argument(
+        "message", nargs="?", help="file holding the message (default: stdin)"
+    )
+    send.add_argument(
+        "-v", "--verbose", action="store_true", help="print the transcript"
+    )
+    return parser
+
+
+def add_upstream_options(parser: argparse.ArgumentParser) -> None:
+    """The connection, TLS and AUTH options ``send`` shares with other commands."""
+    parser.add_argument("--host", default="localhost")
+    parser.add_argument("--port", type=int)
+    parser.add_argument(
+        "--tls",
+        choices=[mode.value for mode in TLSMode],
+        default=TLSMode.REQUIRED.value,
+    )
+    parser.add_argument("--tls-hostname", metavar="NAME")
+    parser.add_argument("--ca-file", metavar="PEM")
+    parser.add_argument("--fingerprint", metavar="SHA256")
+    parser.add_argument("--username")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument("--password-file", metavar="FILE")
+    secret.add_argument("--password-env", metavar="VAR")
+    secret.add_argument("--oauth2-token-command", metavar="CMD")
+    parser.add_argument("--ehlo", metavar="NAME")
+    parser.add_argument(
+        "--allow-plaintext-auth",
+        action="store_true",
+        help="allow AUTH without TLS, to a loopback or UNIX-socket peer only",
+    )
+    parser.add_argument("--timeout", type=float, metavar="SECONDS")
+
+
+def read_password(options: argparse.Namespace) -> str | None:
+    if options.password_file:
+        try:
+            text = Path(options.password_file).read_text()
+        except OSError as error:
+            raise ConfigurationError(
+                f"cannot read password file {options.password_file}: {error.strerror}"
+            ) from None
+        # One trailing newline is how editors save files; it is not the password.
+        return text[:-1] if text.endswith("\n") else text
+    if options.password_env:
+        value = os.environ.get(options.password_env)
+        if value is None:
+            raise ConfigurationError(
+                f"environment variable {options.password_env} is not set"
+            )
+        return str(value)
+    return None
+
+
+def token_command(reactor: object, command: str) -> Deferred[str]:
+    """Run ``command`` through the shell; its standard output is the token."""
+
+    async def run() -> str:
+        output: tuple[bytes, bytes, int] = await getProcessOutputAndValue(  # type: ignore[no-untyped-call]
+            "/bin/sh", ["-c", command], env=dict(os.environ), reactor=reactor
+        )
+        out, err, code = output
+        if code != 0:
+            raise ConfigurationError(
+                f"token command exited with status {code}: "
+                f"{err.decode(errors='replace').strip()[:200]}"
+            )
+        token: str = out.decode().strip()
+        if not token:
+            raise ConfigurationError("token command printed nothing")
+        return token
+
+    return ensureDeferred(run())
+
+
+def build_upstream(reactor: object, options: argparse.Namespace) -> Upstream:
+    credentials = None
+    password = read_password(options)
+    if options.oauth2_token_command and not options.username:
+        raise UsageError("--oauth2-token-command needs --username")
+    if options.username:
+        if options.oauth2_token_command:
+            command = options.oauth2_token_command
+            credentials = Credentials(
+                options.username, token=lambda: token_command(reactor, command)
+            )
+        elif password is not None:
+            credentials = Credentials(options.username, password=password)
+        else:
+            raise UsageError(
+                "--username needs --password-file, --password-env "
+                "or --oauth2-token-command"
+            )
+    timeouts = Timeouts()
+    if options.timeout is not None:
+        timeouts = Timeouts(
+            **{
+                name: options.timeout
+                for name in (
+                    "connect",
+                    "greeting",
+                    "command",
+                    "tls_handshake",
+                    "mail",
+                    "rcpt",
+                    "data",
+                    "data_block",
+                    "end_of_data",
+                )
+            }
+        )
+    return Upstream(
+        host=options.host,
+        port=options.port,
+        tls=TLSPolicy(
+            mode=TLSMode.parse(options.tls),
+            hostname=options.tls_hostname,
+            ca_file=options.ca_file,
+            fingerprint=options.fingerprint,
+        ),
+        credentials=credentials,
+        ehlo_name=options.ehlo,
+        timeouts=timeouts,
+        allow_plaintext_auth=options.allow_plaintext_auth,
+    )
+
+
+def format_result_lines(result: SendResult) -> list[str]:
+    """One Postfix-style line per recipient."""
+    tls = result.tls.version if result.tls else "none"
+    return [
+        f"to=<{r.recipient}>, relay={result.relay}, tls={tls}, dsn={r.dsn}, "
+        f"status={r.status} ({r.reply})"
+        for r in result.recipients
+    ]
+
+
+def exit_status_for(result: SendResult) -> int:
+    refused = result.refused
+    if any(r.reply.code >= 500 for r in refused):
+        return EX_UNAVAILABLE
+    return EX_TEMPFAIL if refused else EX_OK
+
+
+def exit_status_for_error(error: SMTPError) -> int:
+    if isinstance(error, ConfigurationError):
+        return EX_CONFIG
+    if isinstance(error, InvalidAddress | InvalidArgument):
+        return EX_USAGE
+    return EX_TEMPFAIL if error.is_transient else EX_UNAVAILABLE
+
+
+def _transcript_printer(stream: TextIO) -> object:
+    def show(direction: str, line: bytes) -> None:
+        arrow = "->" if direction == "C" else "<-"
+        stream.write(f"{arrow} {line.decode('utf-8', 'backslashreplace')}\n")
+
+    return show
+
+
+async def run_send(
+    reactor: IReactorTime, options: argparse.Namespace, stdout: TextIO, stderr: TextIO
+) -> int:
+    try:
+        upstream = build_upstream(reactor, options)
+        envelope = Envelope(options.sender, tuple(options.recipients))
+        message = _read_message(options.message)
+    except UsageError as error:
+        stderr.write(f"txstarttls: {error}\n")
+        return EX_USAGE
+    except SMTPError as error:
+        stderr.write(f"txstarttls: {error}\n")
+        return exit_status_for_error(error)
+    transcript = _transcript_printer(stderr) if options.verbose else None
+    try:
+        result = await deliver(
+            reactor,
+            upstream,
+            envelope,
+            message,
+            transcript=transcript,  # type: ignore[arg-type]
+        )
+    except SMTPError as error:
+        stderr.write(f"txstarttls: {error}\n")
+        recipients = getattr(error, "recipients", ())
+        for refused in recipients:
+            stdout.write(
+                f"to=<{refused.recipient}>, dsn={refused.dsn}, "
+                f"status={refused.status} ({refused.reply})\n"
+            )
+        return exit_status_for_error(error)
+    for line in format_result_lines(result):
+        stdout.write(line + "\n")
+    return exit_status_for(result)
+
+
+def _read_message(path: str | None) -> bytes:
+    if path is None or path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read message file {path}: {error.strerror}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console entry point: the only place that uses the global reactor."""
+    options = build_parser().parse_args(argv)
+    from twisted.internet.task import react
+
+    async def run(reactor: IReactorTime) -> None:
+        status = await run_send(reactor, options, sys.stdout, sys.stderr)
+        if status != EX_OK:
+            raise SystemExit(status)
+
+    react(lambda reactor: ensureDeferred(run(reactor)))
+    raise AssertionError("react() always exits")

@@ -1,0 +1,559 @@
+"""The ESMTP client protocol: one method per command, each a Deferred[Reply].
+
+Replies are paired first-in, first-out with the commands sent; a reply that no
+command waits for is the peer's protocol violation and ends the connection.
+The protocol enforces the rules that must hold whatever the caller does:
+
+* only a final 220 to STARTTLS starts TLS, and bytes already buffered behind
+  it are response injection (RFC 3207 4.2): the connection is aborted;
+* after STARTTLS nothing is sent until the handshake has completed and the
+  certificate and host name have been verified again here;
+* everything learned before TLS is forgotten, and STARTTLS is never sent twice;
+* AUTH is refused locally before verified TLS unless plaintext was opted into;
+* every command argument is validated before a byte of it is written.
+
+The session (which commands to send, in what order) lives in ``session.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txstarttls.address import (
+    format_path,
+    needs_smtputf8,
+    validate_address,
+    validate_hostname_argument,
+    validate_parameter,
+)
+from txstarttls.errors import (
+    CertificateVerificationFailed,
+    ConnectionLost,
+    ExtensionRequired,
+    InvalidArgument,
+    OutcomeUnknown,
+    Phase,
+    ProtocolViolation,
+    ResponseInjection,
+    SMTPError,
+    Timeout,
+    TLSHandshakeFailed,
+    TLSRequired,
+    TransientReplyError,
+)
+from txstarttls.reply import (
+    MAX_LINE_LENGTH,
+    Capabilities,
+    Reply,
+    ReplyParser,
+    parse_ehlo,
+)
+from txstarttls.sasl import Mechanism
+from txstarttls.tls import ClientTLS, TLSInfo
+
+Transcript = Callable[[str, bytes], None]
+"""Receives ("C", line) and ("S", line) for every line, AUTH data redacted."""
+
+_REDACTED = b"<redacted>"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds allowed per phase; defaults from RFC 5321 section 4.5.3.2."""
+
+    connect: float = 60.0
+    greeting: float = 300.0
+    command: float = 300.0
+    """EHLO, HELO, STARTTLS, AUTH, RSET, NOOP, QUIT."""
+    tls_handshake: float = 60.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data: float = 120.0
+    data_block: float = 180.0
+    end_of_data: float = 600.0
+    overall: float | None = 3600.0
+    """A deadline for a whole send(); None for no limit."""
+
+    def for_phase(self, phase: Phase) -> float:
+        return {
+            Phase.GREETING: self.greeting,
+            Phase.MAIL: self.mail,
+            Phase.RCPT: self.rcpt,
+            Phase.DATA: self.data,
+            Phase.END_OF_DATA: self.end_of_data,
+            Phase.TLS_HANDSHAKE: self.tls_handshake,
+        }.get(phase, self.command)
+
+
+class _Waiter:
+    """A command sent whose reply has not come yet."""
+
+    __slots__ = ("deferred", "phase", "timer")
+
+    def __init__(self, phase: Phase, timer: IDelayedCall) -> None:
+        self.phase = phase
+        self.timer = timer
+        self.deferred: Deferred[Reply] = Deferred()
+
+
+@implementer(IHandshakeListener)
+class ESMTPClient(LineReceiver):
+    """An ESMTP client connection driven by Deferreds.
+
+    ``clock`` schedules every timeout, so tests can drive time. Set
+    ``allow_plaintext_auth`` only for loopback or UNIX-socket peers.
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = MAX_LINE_LENGTH
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        timeouts: Timeouts | None = None,
+        implicit_tls: ClientTLS | None = None,
+        allow_plaintext_auth: bool = False,
+        transcript: Transcript | None = None,
+    ) -> None:
+        self._clock = clock
+        self.timeouts = timeouts or Timeouts()
+        self._implicit_tls = implicit_tls
+        self.allow_plaintext_auth = allow_plaintext_auth
+        self._transcript = transcript
+        self._parser = ReplyParser()
+        self._waiters: deque[_Waiter] = deque()
+        self._failure: SMTPError | None = None
+        self._greeting: Deferred[Reply] | None = None
+        self._connected: Deferred[None] = Deferred()
+        self._pending_tls: ClientTLS | None = implicit_tls
+        self._pending_starttls: ClientTLS | None = None
+        self._tls_done: Deferred[Reply] | None = None
+        self._tls_reply: Reply | None = None
+        self._tls_timer: IDelayedCall | None = None
+        self._starttls_sent = False
+        self.capabilities = Capabilities.empty()
+        self.tls: TLSInfo | None = None
+        self.closed: Deferred[None] = Deferred()
+
+    # --- state ---------------------------------------------------------------
+
+    @property
+    def is_tls_verified(self) -> bool:
+        """TLS is up and its peer passed verification."""
+        return self.tls is not None
+
+    @property
+    def failure(self) -> SMTPError | None:
+        """Why the connection is unusable, once it is."""
+        return self._failure
+
+    # --- connection events ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._greeting = self._expect(Phase.GREETING)
+        if self._implicit_tls is not None:
+            self._start_handshake_timer()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_tls_timer()
+        if self._failure is None:
+            self._failure = self._loss_error(reason)
+        self._fail_pending(self._failure)
+        self.closed.callback(None)
+
+    def _fail_pending(self, error: SMTPError) -> None:
+        """Fail every command still waiting; QUIT counts as done."""
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if waiter.timer.active():
+                waiter.timer.cancel()
+            if waiter.phase is Phase.QUIT:
+                waiter.deferred.callback(Reply(221, ("connection closed",)))
+            elif waiter.phase is Phase.END_OF_DATA and not isinstance(
+                error, OutcomeUnknown
+            ):
+                waiter.deferred.errback(
+                    OutcomeUnknown(
+                        f"{error}, after the final dot: the message may or may "
+                        "not have been delivered",
+                        phase=Phase.END_OF_DATA,
+                    )
+                )
+            else:
+                waiter.deferred.errback(error)
+        if self._tls_done is not None:
+            done, self._tls_done = self._tls_done, None
+            done.errback(error)
+
+    def _loss_error(self, reason: Failure) -> SMTPError:
+        if self._pending_tls is not None:
+            return _handshake_error(reason)
+        phase = self._waiters[0].phase if self._waiters else None
+        if phase is Phase.END_OF_DATA:
+            return OutcomeUnknown(
+                "connection lost after the final dot; the message may or may "
+                "not have been delivered",
+                phase=phase,
+            )
+        where = f" waiting for the {phase.value} reply" if phase else ""
+        return ConnectionLost(
+            f"connection lost{where}: {reason.getErrorMessage()}", phase=phase
+        )
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: verify the peer before anything else happens."""
+        tls = self._pending_tls
+        if tls is None or self._failure is not None:
+            return
+        self._cancel_tls_timer()
+        connection: SSL.Connection = self.transport.getHandle()  # type: ignore[union-attr]
+        try:
+            info = tls.verify(connection)
+        except CertificateVerificationFailed as error:
+            self._abort(error)
+            return
+        self._pending_tls = None
+        self.tls = info
+        self._log.debug(
+            "TLS {version} {cipher} verified for {name}",
+            version=info.version,
+            cipher=info.cipher,
+            name=info.verified_name or "pinned certificate",
+        )
+        if self._tls_done is not None:
+            done, self._tls_done = self._tls_done, None
+            assert self._tls_reply is not None
+            done.callback(self._tls_reply)
+
+    # --- receiving -------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._failure is not None:
+            return
+        if self._pending_tls is not None:
+            # Only reachable if a TLS layer delivered data before verification.
+            self._abort(ProtocolViolation("data arrived before TLS was verified"))
+            return
+        self._record("S", line)
+        try:
+            reply = self._parser.feed(line)
+        except ProtocolViolation as error:
+            phase = self._waiters[0].phase if self._waiters else None
+            self._abort(ProtocolViolation(str(error), phase=phase))
+            return
+        if reply is not None:
+            self._dispatch(reply)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._abort(
+            ProtocolViolation(f"reply line longer than {self.MAX_LENGTH} octets")
+        )
+
+    def _dispatch(self, reply: Reply) -> None:
+        if not self._waiters:
+            if reply.code == 421:
+                self._abort(
+                    TransientReplyError(
+                        f"server is closing the connection: {reply}",
+                        code=reply.code,
+                        enhanced=reply.enhanced,
+                        text=reply.text,
+                    )
+                )
+            else:
+                self._abort(ProtocolViolation(f"reply no command waits for: {reply}"))
+            return
+        waiter = self._waiters.popleft()
+        waiter.timer.cancel()
+        if waiter.phase is Phase.STARTTLS and reply.code == 220:
+            self._begin_tls(waiter, reply)
+            return
+        if waiter.phase is Phase.EHLO:
+            self.capabilities = (
+                parse_ehlo(reply) if reply.code == 250 else Capabilities.empty()
+            )
+        waiter.deferred.callback(reply)
+
+    # --- commands --------------------------------------------------------------
+
+    def greeting(self) -> Deferred[Reply]:
+        """The server's greeting, once it has come."""
+        if self._greeting is None:
+            return fail(ConnectionLost("not connected", phase=Phase.GREETING))
+        result: Deferred[Reply] = Deferred()
+
+        def relay(value: Reply | Failure) -> Reply | Failure:
+            if isinstance(value, Failure):
+                result.errback(value)
+            else:
+                result.callback(value)
+            return value
+
+        self._greeting.addBoth(relay)
+        return result
+
+    def ehlo(self, name: str) -> Deferred[Reply]:
+        """EHLO; on 250 the capabilities are replaced by what it lists."""
+        validate_hostname_argument(name)
+        self.capabilities = Capabilities.empty()
+        return self._command(b"EHLO " + name.encode("ascii"), Phase.EHLO)
+
+    def helo(self, name: str) -> Deferred[Reply]:
+        validate_hostname_argument(name)
+        self.capabilities = Capabilities.empty()
+        return self._command(b"HELO " + name.encode("ascii"), Phase.HELO)
+
+    def starttls(self, tls: ClientTLS) -> Deferred[Reply]:
+        """STARTTLS; fires with the 220 only once TLS is up and verified.
+
+        Any other reply fires at once and TLS does not start; the caller must
+        then give up on the connection rather than go on in plaintext.
+        """
+        if self._starttls_sent or self.tls is not None:
+            return fail(
+                ProtocolViolation("STARTTLS was already used on this connection")
+            )
+        self._starttls_sent = True
+        self._pending_starttls = tls
+        return self._command(b"STARTTLS", Phase.STARTTLS)
+
+    def auth(self, mechanism: Mechanism) -> Deferred[Reply]:
+        """Run one SASL exchange; fires with the final (non-334) reply."""
+        if self.tls is None and not self.allow_plaintext_auth:
+            return fail(
+                TLSRequired(
+                    "refusing to send credentials without verified TLS",
+                    phase=Phase.AUTH,
+                )
+            )
+        initial = mechanism.initial_response()
+        command = b"AUTH " + mechanism.name.encode("ascii")
+        shown = command
+        if initial is not None:
+            command += b" " + (base64.b64encode(initial) if initial else b"=")
+            shown += b" " + _REDACTED
+        d = self._command(command, Phase.AUTH, shown=shown)
+        d.addCallback(self._auth_step, mechanism)
+        return d
+
+    def _auth_step(self, reply: Reply, mechanism: Mechanism) -> Reply | Deferred[Reply]:
+        if reply.code != 334:
+            return reply
+        challenge_text = reply.lines[0] if reply.lines else ""
+        try:
+            challenge = base64.b64decode(challenge_text, validate=True)
+        except (binascii.Error, ValueError):
+            self._abort(
+                ProtocolViolation(
+                    f"AUTH challenge is not base64: {challenge_text[:40]}",
+                    phase=Phase.AUTH,
+                )
+            )
+            assert self._failure is not None
+            return fail(self._failure)
+        answer = base64.b64encode(mechanism.respond(challenge))
+        d = self._command(answer, Phase.AUTH, shown=_REDACTED)
+        d.addCallback(self._auth_step, mechanism)
+        return d
+
+    def mail(self, sender: str, parameters: Sequence[str] = ()) -> Deferred[Reply]:
+        """MAIL FROM; ``parameters`` are ``KEY`` or ``KEY=value`` strings."""
+        validate_address(sender, allow_null=True)
+        return self._command(
+            b"MAIL FROM:" + self._path(sender) + self._params(parameters),
+            Phase.MAIL,
+        )
+
+    def rcpt(self, recipient: str, parameters: Sequence[str] = ()) -> Deferred[Reply]:
+        validate_address(recipient)
+        return self._command(
+            b"RCPT TO:" + self._path(recipient) + self._params(parameters),
+            Phase.RCPT,
+        )
+
+    def data(self) -> Deferred[Reply]:
+        """DATA; a 354 means the caller may now send the encoded body."""
+        return self._command(b"DATA", Phase.DATA)
+
+    def send_body(self, encoded: bytes) -> Deferred[Reply]:
+        """Write an encoded (dot-stuffed, terminated) body; fire with its reply.
+
+        Only a 2xx to this reply means the message was delivered.
+        """
+        if not encoded.endswith(b"\r\n.\r\n") and encoded != b".\r\n":
+            return fail(InvalidArgument("body is not encoded: use data.encode_body"))
+        return self._send(encoded, Phase.END_OF_DATA, shown=b"<message body>")
+
+    def rset(self) -> Deferred[Reply]:
+        return self._command(b"RSET", Phase.RSET)
+
+    def noop(self) -> Deferred[Reply]:
+        return self._command(b"NOOP", Phase.NOOP)
+
+    def quit(self) -> Deferred[Reply]:
+        """QUIT; a connection closed instead of a 221 counts as done."""
+        return self._command(b"QUIT", Phase.QUIT)
+
+    def abort(self, error: SMTPError) -> None:
+        """Drop the connection at once, failing every pending command."""
+        self._abort(error)
+
+    # --- internals -----------------------------------------------------------
+
+    def _path(self, address: str) -> bytes:
+        if needs_smtputf8(address) and not self.capabilities.smtputf8:
+            raise ExtensionRequired(
+                f"address {address!r} needs SMTPUTF8, which the server does not offer"
+            )
+        return format_path(address)
+
+    def _params(self, parameters: Sequence[str]) -> bytes:
+        checked = []
+        for parameter in parameters:
+            keyword, _, value = parameter.partition("=")
+            checked.append(
+                validate_parameter(keyword, value if "=" in parameter else None)
+            )
+        return b"".join(b" " + p.encode("ascii") for p in checked)
+
+    def _command(
+        self, line: bytes, phase: Phase, *, shown: bytes | None = None
+    ) -> Deferred[Reply]:
+        if b"\r" in line or b"\n" in line or b"\0" in line:
+            # Validation above should make this unreachable; never send it.
+            return fail(
+                InvalidArgument(
+                    f"refusing to send a {phase.value} line with CR, LF or NUL"
+                )
+            )
+        return self._send(
+            line + b"\r\n", phase, shown=shown if shown is not None else line
+        )
+
+    def _send(self, data: bytes, phase: Phase, *, shown: bytes) -> Deferred[Reply]:
+        if self._failure is not None:
+            return fail(self._failure)
+        if self._pending_tls is not None or self.transport is None:
+            return fail(
+                ProtocolViolation(
+                    f"cannot send {phase.value} before the connection is ready",
+                    phase=phase,
+                )
+            )
+        waiter = self._expect(phase)
+        self._record("C", shown)
+        self.transport.write(data)
+        return waiter
+
+    def _expect(self, phase: Phase) -> Deferred[Reply]:
+        timer = self._clock.callLater(
+            self.timeouts.for_phase(phase), self._timed_out, phase
+        )
+        waiter = _Waiter(phase, timer)
+        self._waiters.append(waiter)
+        return waiter.deferred
+
+    def _timed_out(self, phase: Phase) -> None:
+        seconds = self.timeouts.for_phase(phase)
+        self._abort(
+            Timeout(f"no {phase.value} reply within {seconds:g} s", phase=phase)
+        )
+
+    def _begin_tls(self, waiter: _Waiter, reply: Reply) -> None:
+        if self._buffer or self._waiters:
+            # RFC 3207 4.2: these bytes were sent before TLS and may have been
+            # injected by anyone on the path. Never parse them.
+            self.clearLineBuffer()  # type: ignore[no-untyped-call]
+            self._abort(
+                ResponseInjection(
+                    "server sent data behind its 220 to STARTTLS "
+                    "(response injection); connection aborted",
+                    phase=Phase.STARTTLS,
+                )
+            )
+            waiter.deferred.errback(self._failure)
+            return
+        tls = self._pending_starttls
+        assert tls is not None
+        self._pending_tls = tls
+        self._tls_done = waiter.deferred
+        self._tls_reply = reply
+        self.capabilities = Capabilities.empty()
+        self._parser.reset()
+        self._start_handshake_timer()
+        self.transport.startTLS(tls.creator)  # type: ignore[union-attr]
+
+    def _start_handshake_timer(self) -> None:
+        self._tls_timer = self._clock.callLater(
+            self.timeouts.tls_handshake, self._timed_out, Phase.TLS_HANDSHAKE
+        )
+
+    def _cancel_tls_timer(self) -> None:
+        if self._tls_timer is not None and self._tls_timer.active():
+            self._tls_timer.cancel()
+        self._tls_timer = None
+
+    def _abort(self, error: SMTPError) -> None:
+        if self._failure is not None:
+            return
+        self._failure = error
+        self._log.info("aborting SMTP connection: {error}", error=str(error))
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        self._fail_pending(error)
+
+    def _record(self, direction: str, line: bytes) -> None:
+        if self._transcript is not None:
+            self._transcript(direction, line)
+
+
+def _handshake_error(reason: Failure) -> SMTPError:
+    """Map why a connection died during the TLS handshake to a typed error."""
+    value = reason.value
+    if isinstance(value, SMTPError):
+        return value
+    if isinstance(value, VerificationError):
+        return CertificateVerificationFailed(
+            "server certificate does not match the host name", phase=Phase.TLS_HANDSHAKE
+        )
+    if isinstance(value, SSL.Error):
+        detail = _ssl_error_text(value)
+        if "certificate verify failed" in detail:
+            return CertificateVerificationFailed(
+                f"server certificate did not verify: {detail}",
+                phase=Phase.TLS_HANDSHAKE,
+            )
+        return TLSHandshakeFailed(
+            f"TLS handshake failed: {detail}", phase=Phase.TLS_HANDSHAKE
+        )
+    return TLSHandshakeFailed(
+        f"connection closed during the TLS handshake: {reason.getErrorMessage()}",
+        phase=Phase.TLS_HANDSHAKE,
+    )
+
+
+def _ssl_error_text(error: SSL.Error) -> str:
+    parts: list[str] = []
+    for entry in (
+        error.args[0] if error.args and isinstance(error.args[0], list) else []
+    ):
+        if isinstance(entry, tuple) and entry:
+            parts.append(str(entry[-1]))
+    return "; ".join(parts) or str(error) or "unknown TLS error"

@@ -1,0 +1,595 @@
+"""One SMTP session, top to bottom, and ``send()`` for one-shot use.
+
+The order is RFC 5321 with RFC 3207 and 4954 folded in, readable against the
+RFCs line by line: greeting, EHLO, STARTTLS, handshake verified, EHLO again,
+AUTH, MAIL, RCPT..., DATA, body, QUIT. Every decision that protects the user
+(never HELO when TLS is required, never AUTH in plaintext, never a body when no
+recipient was accepted) is made here, in plain sight.
+"""
+
+from __future__ import annotations
+
+import inspect
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    clientFromString,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+
+from txstarttls.address import (
+    needs_smtputf8,
+    validate_address,
+    validate_hostname_argument,
+)
+from txstarttls.client import ESMTPClient, Timeouts, Transcript
+from txstarttls.data import encode_body
+from txstarttls.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    ConnectionFailed,
+    ExtensionRequired,
+    InvalidArgument,
+    MessageTooLarge,
+    PermanentReplyError,
+    Phase,
+    RecipientsRefused,
+    SMTPError,
+    Timeout,
+    TLSRequired,
+    TransientReplyError,
+)
+from txstarttls.reply import Reply
+from txstarttls.sasl import Credentials, choose_mechanism
+from txstarttls.tls import ClientTLS, TLSInfo, TLSMode, TLSPolicy, client_tls
+
+_log = Logger()
+
+DEFAULT_PORTS = {TLSMode.IMPLICIT: 465}
+SUBMISSION_PORT = 587
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where and how to deliver: one smarthost and its TLS and AUTH settings.
+
+    Give ``host`` (and optionally ``port``), or a Twisted client ``endpoint``
+    description such as ``tcp:host=smtp.example.net:port=587`` or
+    ``unix:path=/run/smtp.sock``; with an endpoint and TLS, the name to verify
+    comes from ``tls.hostname`` or the endpoint's ``host=``.
+    """
+
+    host: str | None = None
+    port: int | None = None
+    endpoint: str | None = None
+    tls: TLSPolicy = field(default_factory=TLSPolicy)
+    credentials: Credentials | None = None
+    ehlo_name: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    allow_plaintext_auth: bool = False
+    """Let AUTH go over plaintext, but only to a loopback or UNIX-socket peer."""
+
+    def __post_init__(self) -> None:
+        if (self.host is None) == (self.endpoint is None):
+            raise ConfigurationError("give exactly one of host or endpoint")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ConfigurationError(f"port must be 1-65535, got {self.port}")
+        if self.ehlo_name is not None:
+            validate_hostname_argument(self.ehlo_name)
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or DEFAULT_PORTS.get(self.tls.mode, SUBMISSION_PORT)
+
+    @property
+    def verify_name(self) -> str | None:
+        """The name the certificate must carry: configured, never learned."""
+        if self.tls.hostname is not None:
+            return self.tls.hostname
+        if self.host is not None:
+            return self.host
+        assert self.endpoint is not None
+        return _endpoint_host(self.endpoint)
+
+
+def _endpoint_host(description: str) -> str | None:
+    for part in description.split(":")[1:]:
+        key, sep, value = part.partition("=")
+        if sep and key == "host":
+            return value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """What happened to one recipient."""
+
+    recipient: str
+    reply: Reply
+    """The reply to the final dot when delivered, else the reply to RCPT."""
+    delivered: bool
+
+    @property
+    def status(self) -> str:
+        """Postfix's word for it: sent, deferred or bounced."""
+        if self.delivered:
+            return "sent"
+        return "deferred" if self.reply.code < 500 else "bounced"
+
+    @property
+    def dsn(self) -> str:
+        """The enhanced status code, or one derived from the reply class."""
+        return self.reply.enhanced or f"{self.reply.code // 100}.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The outcome of a message that at least one recipient accepted."""
+
+    recipients: tuple[RecipientResult, ...]
+    reply: Reply
+    tls: TLSInfo | None
+    relay: str
+    """The peer as Postfix logs it: ``name[address]:port``."""
+
+    @property
+    def delivered(self) -> tuple[RecipientResult, ...]:
+        return tuple(r for r in self.recipients if r.delivered)
+
+    @property
+    def refused(self) -> tuple[RecipientResult, ...]:
+        return tuple(r for r in self.recipients if not r.delivered)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The sender, the recipients and ESMTP parameters for MAIL."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    mail_parameters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_address(self.sender, allow_null=True)
+        if not self.recipients:
+            raise InvalidArgument("at least one recipient is needed")
+        for recipient in self.recipients:
+            validate_address(recipient)
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        return any(needs_smtputf8(a) for a in (self.sender, *self.recipients))
+
+
+def reply_error(reply: Reply, phase: Phase, *, trusted: bool) -> SMTPError:
+    """The typed error for a negative reply.
+
+    An untrusted reply (received before verified TLS while TLS was expected)
+    could come from anyone on the path, so it is never a permanent verdict.
+    """
+    message = f"{phase.value} refused: {reply}"
+    if reply.code >= 500 and trusted:
+        return PermanentReplyError(
+            message,
+            code=reply.code,
+            enhanced=reply.enhanced,
+            text=reply.text,
+            phase=phase,
+        )
+    return TransientReplyError(
+        message, code=reply.code, enhanced=reply.enhanced, text=reply.text, phase=phase
+    )
+
+
+class Session:
+    """Drives one connected ESMTPClient through one message."""
+
+    def __init__(
+        self,
+        client: ESMTPClient,
+        upstream: Upstream,
+        tls: ClientTLS | None,
+        *,
+        ehlo_name: str,
+        plaintext_auth_ok: bool,
+    ) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.policy = upstream.tls
+        self.tls = tls
+        self.ehlo_name = ehlo_name
+        self.plaintext_auth_ok = plaintext_auth_ok
+
+    @property
+    def trusted(self) -> bool:
+        """Are replies authenticated (verified TLS), or was TLS never expected?"""
+        return self.client.is_tls_verified or self.policy.mode is TLSMode.NONE
+
+    def check(self, reply: Reply, phase: Phase, *, expect: int = 2) -> Reply:
+        if reply.code // 100 != expect:
+            raise reply_error(reply, phase, trusted=self.trusted)
+        return reply
+
+    async def open(self) -> None:
+        """Greeting, EHLO, STARTTLS, EHLO again, AUTH: ready for MAIL."""
+        self.check(await self.client.greeting(), Phase.GREETING)
+        ehlo = await self.client.ehlo(self.ehlo_name)
+        mode = self.policy.mode
+        if ehlo.code != 250:
+            wants_auth = self.upstream.credentials is not None
+            if mode is TLSMode.REQUIRED or (
+                mode is TLSMode.OPPORTUNISTIC
+                and wants_auth
+                and not self.plaintext_auth_ok
+            ):
+                # RFC 3207 needs ESMTP; HELO would mean silently giving up TLS.
+                raise TLSRequired(
+                    f"server refused EHLO ({ehlo}), so STARTTLS is impossible",
+                    code=ehlo.code,
+                    enhanced=ehlo.enhanced,
+                    text=ehlo.text,
+                    phase=Phase.EHLO,
+                )
+            if ehlo.code < 500:
+                raise reply_error(ehlo, Phase.EHLO, trusted=self.trusted)
+            self.check(await self.client.helo(self.ehlo_name), Phase.HELO)
+        if mode in (TLSMode.REQUIRED, TLSMode.OPPORTUNISTIC):
+            await self._starttls()
+        if self.upstream.credentials is not None:
+            await self._authenticate(self.upstream.credentials)
+
+    async def _starttls(self) -> None:
+        if not self.client.capabilities.starttls:
+            if self.policy.mode is TLSMode.REQUIRED:
+                raise TLSRequired(
+                    "server does not offer STARTTLS and TLS is required",
+                    phase=Phase.EHLO,
+                )
+            if self.upstream.credentials is not None and not self.plaintext_auth_ok:
+                raise TLSRequired(
+                    "server does not offer STARTTLS; refusing to send "
+                    "credentials in plaintext",
+                    phase=Phase.EHLO,
+                )
+            return
+        assert self.tls is not None
+        reply = await self.client.starttls(self.tls)
+        if reply.code != 220:
+            # Whatever the mode: no plaintext continuation after a refusal.
+            raise TLSRequired(
+                f"server refused STARTTLS: {reply}",
+                code=reply.code,
+                enhanced=reply.enhanced,
+                text=reply.text,
+                phase=Phase.STARTTLS,
+            )
+        self.check(await self.client.ehlo(self.ehlo_name), Phase.EHLO)
+
+    async def _authenticate(self, credentials: Credentials) -> None:
+        if not self.client.is_tls_verified and not self.plaintext_auth_ok:
+            raise TLSRequired(
+                "refusing to send credentials without verified TLS", phase=Phase.AUTH
+            )
+        token: str | None = None
+        if credentials.token is not None:
+            produced = credentials.token()
+            token = await produced if inspect.isawaitable(produced) else produced
+        mechanism = choose_mechanism(
+            self.client.capabilities.auth_mechanisms,
+            credentials,
+            token=token,
+            host=self.tls.hostname if self.tls else (self.upstream.host or ""),
+            port=self.upstream.effective_port,
+        )
+        reply = await self.client.auth(mechanism)
+        if reply.code == 235:
+            return
+        if reply.code >= 500 and self.trusted:
+            raise AuthenticationFailed(
+                f"authentication as {credentials.username!r} failed with "
+                f"{mechanism.name}: {reply}; check the user name and password",
+                code=reply.code,
+                enhanced=reply.enhanced,
+                text=reply.text,
+                phase=Phase.AUTH,
+            )
+        raise reply_error(reply, Phase.AUTH, trusted=self.trusted)
+
+    def mail_parameters(
+        self, envelope: Envelope, body: bytes, eight_bit: bool
+    ) -> list[str]:
+        capabilities = self.client.capabilities
+        parameters = list(envelope.mail_parameters)
+        if capabilities.has("SIZE"):
+            limit = capabilities.size
+            if limit is not None and len(body) > limit:
+                raise MessageTooLarge(
+                    f"message of {len(body)} octets exceeds the server's "
+                    f"limit of {limit}"
+                )
+            parameters.append(f"SIZE={len(body)}")
+        if eight_bit:
+            if not capabilities.eightbitmime:
+                raise ExtensionRequired(
+                    "message has 8-bit data and the server does not offer 8BITMIME"
+                )
+            parameters.append("BODY=8BITMIME")
+        if envelope.needs_smtputf8:
+            if not capabilities.smtputf8:
+                raise ExtensionRequired(
+                    "an address needs SMTPUTF8, which the server does not offer"
+                )
+            parameters.append("SMTPUTF8")
+        return parameters
+
+    async def transaction(
+        self, envelope: Envelope, body: bytes, *, eight_bit: bool
+    ) -> tuple[tuple[RecipientResult, ...], Reply]:
+        """MAIL, RCPT..., DATA, body: per-recipient results and the final reply.
+
+        ``body`` is already encoded. With PIPELINING, MAIL, every RCPT and
+        DATA go out together and their replies are paired in order.
+        """
+        client = self.client
+        parameters = self.mail_parameters(envelope, body, eight_bit)
+        if client.capabilities.pipelining:
+            mail_d = client.mail(envelope.sender, parameters)
+            rcpt_ds = [client.rcpt(r) for r in envelope.recipients]
+            data_d = client.data()
+            mail = await mail_d
+            rcpt_replies = [await d for d in rcpt_ds]
+            data = await data_d
+        else:
+            mail = await client.mail(envelope.sender, parameters)
+            if not mail.is_success:
+                raise reply_error(mail, Phase.MAIL, trusted=self.trusted)
+            rcpt_replies = []
+            for recipient in envelope.recipients:
+                rcpt_replies.append(await client.rcpt(recipient))
+            data = None
+        accepted = [r.is_success for r in rcpt_replies]
+        if not mail.is_success:
+            await self._end_unwanted_data(data)
+            raise reply_error(mail, Phase.MAIL, trusted=self.trusted)
+        if not any(accepted):
+            await self._end_unwanted_data(data)
+            refused = tuple(
+                RecipientResult(recipient, reply, delivered=False)
+                for recipient, reply in zip(
+                    envelope.recipients, rcpt_replies, strict=True
+                )
+            )
+            transient = not self.trusted or all(r.reply.code < 500 for r in refused)
+            raise RecipientsRefused(
+                "no recipient was accepted: "
+                + "; ".join(f"<{r.recipient}>: {r.reply}" for r in refused),
+                recipients=refused,
+                transient=transient,
+            )
+        if data is None:
+            data = await client.data()
+        if data.code != 354:
+            raise reply_error(data, Phase.DATA, trusted=self.trusted)
+        final = await client.send_body(body)
+        self.check(final, Phase.END_OF_DATA)
+        results = tuple(
+            RecipientResult(
+                recipient,
+                final if ok else reply,
+                delivered=ok,
+            )
+            for recipient, reply, ok in zip(
+                envelope.recipients, rcpt_replies, accepted, strict=True
+            )
+        )
+        return results, final
+
+    async def _end_unwanted_data(self, data: Reply | None) -> None:
+        """RFC 2920 3.1: a 354 that should not have come gets an empty body."""
+        if data is not None and data.code == 354:
+            await self.client.send_body(b".\r\n")
+
+    def close(self) -> None:
+        """QUIT when the connection is still usable, then hang up.
+
+        The 221 is not waited for: the outcome is already known, and a slow
+        peer must not hold it back.
+        """
+        client = self.client
+        if client.failure is None and client.transport is not None:
+            client.quit().addErrback(lambda _: None)
+            client.transport.loseConnection()
+
+
+def _default_ehlo_name() -> str:
+    name = socket.getfqdn()
+    try:
+        return validate_hostname_argument(name)
+    except InvalidArgument:
+        return "localhost"
+
+
+def _describe_peer(client: ESMTPClient, upstream: Upstream) -> str:
+    peer = client.transport.getPeer() if client.transport is not None else None
+    name = upstream.host or upstream.verify_name or "unknown"
+    if isinstance(peer, IPv4Address | IPv6Address):
+        return f"{name}[{peer.host}]:{peer.port}"
+    if isinstance(peer, UNIXAddress):
+        return f"{name}[{peer.name!r}]" if peer.name else name
+    return name
+
+
+def _is_local_peer(client: ESMTPClient) -> bool:
+    peer = client.transport.getPeer() if client.transport is not None else None
+    if isinstance(peer, UNIXAddress):
+        return True
+    if isinstance(peer, IPv4Address):
+        return peer.host.startswith("127.")
+    if isinstance(peer, IPv6Address):
+        return peer.host == "::1"
+    return False
+
+
+def _endpoint(
+    reactor: IReactorTime, upstream: Upstream, tls: ClientTLS | None
+) -> IStreamClientEndpoint:
+    if upstream.endpoint is not None:
+        endpoint: IStreamClientEndpoint = clientFromString(  # type: ignore[no-untyped-call]
+            reactor, upstream.endpoint
+        )
+    else:
+        assert upstream.host is not None
+        endpoint = HostnameEndpoint(
+            reactor,
+            upstream.host,
+            upstream.effective_port,
+            timeout=upstream.timeouts.connect,
+        )
+    if upstream.tls.mode is TLSMode.IMPLICIT:
+        assert tls is not None
+        endpoint = wrapClientTLS(tls.creator, endpoint)
+    return endpoint
+
+
+def prepare_tls(
+    upstream: Upstream, trust_root: object | None = None
+) -> ClientTLS | None:
+    """The ClientTLS for an upstream, or None in plaintext mode."""
+    if not upstream.tls.uses_tls:
+        return None
+    name = upstream.verify_name
+    if name is None:
+        raise ConfigurationError(
+            "TLS needs a host name to verify: set tls_hostname for this endpoint"
+        )
+    return client_tls(upstream.tls, name, trust_root=trust_root)  # type: ignore[arg-type]
+
+
+async def deliver(
+    reactor: IReactorTime,
+    upstream: Upstream,
+    envelope: Envelope,
+    message: bytes,
+    *,
+    trust_root: object | None = None,
+    transcript: Transcript | None = None,
+) -> SendResult:
+    """Connect, deliver one message, hang up; raise a typed SMTPError on failure."""
+    body = encode_body(message)
+    eight_bit = not message.isascii()
+    tls = prepare_tls(upstream, trust_root)
+    client = ESMTPClient(
+        reactor,
+        timeouts=upstream.timeouts,
+        implicit_tls=tls if upstream.tls.mode is TLSMode.IMPLICIT else None,
+        transcript=transcript,
+    )
+    try:
+        await connectProtocol(  # type: ignore[no-untyped-call]
+            _endpoint(reactor, upstream, tls), client
+        )
+    except Exception as error:
+        raise ConnectionFailed(
+            f"cannot connect to {upstream.host or upstream.endpoint}: {error}",
+            phase=Phase.CONNECT,
+        ) from None
+    plaintext_auth_ok = upstream.allow_plaintext_auth and _is_local_peer(client)
+    client.allow_plaintext_auth = plaintext_auth_ok
+    overall = None
+    if upstream.timeouts.overall is not None:
+        overall = reactor.callLater(
+            upstream.timeouts.overall,
+            client.abort,
+            Timeout(
+                f"whole session took over {upstream.timeouts.overall:g} s", phase=None
+            ),
+        )
+    session = Session(
+        client,
+        upstream,
+        tls,
+        ehlo_name=upstream.ehlo_name or _default_ehlo_name(),
+        plaintext_auth_ok=plaintext_auth_ok,
+    )
+    try:
+        await session.open()
+        results, final = await session.transaction(envelope, body, eight_bit=eight_bit)
+    finally:
+        if overall is not None and overall.active():
+            overall.cancel()
+        relay = _describe_peer(client, upstream)
+        session.close()
+    result = SendResult(recipients=results, reply=final, tls=client.tls, relay=relay)
+    for recipient in results:
+        _log.info(
+            "to=<{to}>, relay={relay}, dsn={dsn}, status={status} ({reply})",
+            to=recipient.recipient,
+            relay=relay,
+            dsn=recipient.dsn,
+            status=recipient.status,
+            reply=str(recipient.reply),
+        )
+    return result
+
+
+def send(
+    reactor: IReactorTime,
+    *,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    host: str | None = None,
+    port: int | None = None,
+    endpoint: str | None = None,
+    tls: str | TLSMode = TLSMode.REQUIRED,
+    tls_hostname: str | None = None,
+    ca_file: str | None = None,
+    fingerprint: str | None = None,
+    credentials: Credentials | None = None,
+    ehlo_name: str | None = None,
+    timeouts: Timeouts | None = None,
+    allow_plaintext_auth: bool = False,
+    trust_root: object | None = None,
+    transcript: Transcript | None = None,
+) -> Deferred[SendResult]:
+    """Send one message; fires with a SendResult or fails with an SMTPError.
+
+    Everything is validated before a connection is opened. Works with
+    ``await`` inside a coroutine run by ``ensureDeferred``.
+    """
+
+    async def run() -> SendResult:
+        upstream = Upstream(
+            host=host,
+            port=port,
+            endpoint=endpoint,
+            tls=TLSPolicy(
+                mode=TLSMode.parse(tls),
+                hostname=tls_hostname,
+                ca_file=ca_file,
+                fingerprint=fingerprint,
+            ),
+            credentials=credentials,
+            ehlo_name=ehlo_name,
+            timeouts=timeouts or Timeouts(),
+            allow_plaintext_auth=allow_plaintext_auth,
+        )
+        envelope = Envelope(sender, tuple(recipients))
+        return await deliver(
+            reactor,
+            upstream,
+            envelope,
+            message,
+            trust_root=trust_root,
+            transcript=transcript,
+        )
+
+    return ensureDeferred(run())
