@@ -1,5 +1,47 @@
 """A public test kit for suites that exercise txstarttls or mail code around it."""
 
 from txstarttls.testing._ca import CertificateAuthority, IssuedCertificate, self_signed
+from txstarttls.testing._memory import (
+    MemoryConnection,
+    MemoryTransport,
+    Pipe,
+    connect_in_memory,
+)
+from txstarttls.testing._server import (
+    ReceivedMessage,
+    RunningServer,
+    ScriptedSMTPServer,
+    ScriptedSMTPServerFactory,
+    ScriptRule,
+    ServerKnobs,
+    ServerScript,
+    SessionKnobs,
+    SessionLog,
+    TestMailServer,
+    listen_test_server,
+    server_tls_options,
+    start_test_server,
+)
 
-__all__ = ["CertificateAuthority", "IssuedCertificate", "self_signed"]
+__all__ = [
+    "CertificateAuthority",
+    "IssuedCertificate",
+    "MemoryConnection",
+    "MemoryTransport",
+    "Pipe",
+    "ReceivedMessage",
+    "RunningServer",
+    "ScriptRule",
+    "ScriptedSMTPServer",
+    "ScriptedSMTPServerFactory",
+    "ServerKnobs",
+    "ServerScript",
+    "SessionKnobs",
+    "SessionLog",
+    "TestMailServer",
+    "connect_in_memory",
+    "listen_test_server",
+    "self_signed",
+    "server_tls_options",
+    "start_test_server",
+]

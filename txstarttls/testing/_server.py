@@ -1,0 +1,1198 @@
+"""A strict, scriptable ESMTP server that plays the upstream in tests.
+
+It is our own ``LineReceiver`` rather than ``twisted.mail.smtp.ESMTP``
+because that server runs commands pipelined behind STARTTLS and is too
+lenient to catch a client's mistakes. This one answers every command with an
+enhanced status code (RFC 2034: except the greeting and replies to
+EHLO/HELO; 334 and 354 carry none either), resets the session after TLS
+(RFC 3207), and records exactly what it received.
+
+Failures are scripted per command through :class:`ServerScript`::
+
+    factory.script.reply_to("RCPT", "550 5.1.1 No such user",
+                            match=lambda arg: "bad@" in arg)
+    factory.script.reply_to("MAIL", "421 4.3.0 go away", then_close=True)
+    factory.script.reply_to("DATA_END", "451 4.3.0 try later", times=1)
+    factory.script.disconnect_at("DATA_END")
+    factory.script.raw_reply_to("STARTTLS", b"220 Ready\\r\\n250 AUTH PLAIN\\r\\n",
+                                start_tls=True)
+
+The same factory serves a real loopback port (:func:`start_test_server`) or
+an in-memory connection (``factory.buildProtocol(address)`` with
+:func:`txstarttls.testing.connect_in_memory`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import itertools
+import ssl
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypedDict, Unpack
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IHandshakeListener,
+    IListeningPort,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IReactorCore,
+)
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txstarttls.testing._ca import CertificateAuthority, IssuedCertificate
+
+__all__ = [
+    "ReceivedMessage",
+    "RunningServer",
+    "ScriptRule",
+    "ScriptedSMTPServer",
+    "ScriptedSMTPServerFactory",
+    "ServerKnobs",
+    "ServerScript",
+    "SessionKnobs",
+    "SessionLog",
+    "TestMailServer",
+    "listen_test_server",
+    "server_tls_options",
+    "start_test_server",
+]
+
+log = Logger()
+
+Direction = Literal["C", "S"]
+"""Who sent a transcript entry: the client or the server."""
+
+DEFAULT_HOSTNAME = "mx.test.example"
+DEFAULT_MAX_SIZE = 10 * 1024 * 1024
+DEFAULT_ENDPOINT = "tcp:0:interface=127.0.0.1"
+REDACTED = b"[redacted]"
+
+# RFC 4954 allows 12288 octets for an AUTH line; commands stay well under it.
+_COMMAND_LINE_LIMIT = 16384
+# RFC 5321 caps text lines at 1000 octets, but a test upstream should record
+# a broken client's long lines, not drop the connection over them.
+_DATA_LINE_LIMIT = 1024 * 1024
+
+_NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "BDAT", "ATRN"})
+_XOAUTH2_ERROR = b'{"status":"401","schemes":"bearer","scope":"https://mail.test/"}'
+_OAUTHBEARER_ERROR = b'{"status":"invalid_token","schemes":"bearer","scope":""}'
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """One message the server accepted, with the session facts around it.
+
+    ``data`` is the content after dot-unstuffing, every line ending in CRLF:
+    byte for byte what the client meant to send. A bare CR or LF is kept as
+    received (and never ends DATA), so smuggling tests can see it.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    tls: bool
+    tls_version: str | None
+    authenticated_as: str | None
+    helo: str | None
+    queue_id: str
+    mail_options: tuple[str, ...] = ()
+    recipient_options: tuple[tuple[str, ...], ...] = ()
+    session: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class SessionLog:
+    """What happened on one connection: grows while the connection lives.
+
+    AUTH payloads appear as ``[redacted]`` in the transcript.
+    ``discarded_after_starttls`` holds bytes the client pipelined behind
+    STARTTLS, which the server threw away (CVE-2011-0411).
+    """
+
+    number: int
+    peer: str
+    transcript: list[tuple[Direction, bytes]] = field(default_factory=list)
+    tls: bool = False
+    discarded_after_starttls: bytes = b""
+    closed: bool = False
+    _waiters: list[Deferred[SessionLog]] = field(
+        default_factory=list, init=False, repr=False
+    )
+
+    def client_bytes(self) -> bytes:
+        """Everything the client sent, joined (AUTH redacted)."""
+        return b"".join(data for who, data in self.transcript if who == "C")
+
+    def server_bytes(self) -> bytes:
+        """Everything the server sent, joined."""
+        return b"".join(data for who, data in self.transcript if who == "S")
+
+    def text(self) -> str:
+        """The transcript as ``C: ...``/``S: ...`` lines, for failure messages."""
+        lines: list[str] = []
+        for who, data in self.transcript:
+            for line in data.decode("utf-8", "replace").splitlines():
+                lines.append(f"{who}: {line}")
+        return "\n".join(lines)
+
+    def when_closed(self) -> Deferred[SessionLog]:
+        """A Deferred that fires with this log once the connection is gone."""
+        if self.closed:
+            return defer.succeed(self)
+        waiter: Deferred[SessionLog] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _close(self) -> None:
+        self.closed = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self)
+
+
+@dataclass(slots=True, eq=False)
+class ScriptRule:
+    """One scripted behaviour; ``hits`` counts how often it fired."""
+
+    command: str
+    data: bytes
+    match: Callable[[str], bool] | None = None
+    times: int | None = None
+    start_tls: bool = False
+    close: bool = False
+    abort: bool = False
+    hits: int = 0
+
+    def _applies(self, command: str, argument: str) -> bool:
+        if self.command != command or self.times == 0:
+            return False
+        return self.match is None or self.match(argument)
+
+
+def _command_name(command: str) -> str:
+    name = command.strip().upper()
+    if not name or " " in name:
+        raise ValueError(f"not a command name: {command!r}")
+    return name
+
+
+def _reply_bytes(reply: str) -> bytes:
+    lines = reply.replace("\r\n", "\n").strip("\n").split("\n")
+    return "".join(line + "\r\n" for line in lines).encode("utf-8")
+
+
+class ServerScript:
+    """Per-command overrides that make the server misbehave on purpose.
+
+    Commands are SMTP verbs (``"MAIL"``, ``"RCPT"``, ``"STARTTLS"``, any
+    unknown verb too) plus two pseudo-commands: ``"CONNECT"`` (instead of
+    the greeting) and ``"DATA_END"`` (the reply to the final dot; ``match``
+    then sees the message content). A rule fires instead of the normal
+    handling and never changes the session state, except that after
+    ``DATA_END`` the transaction is over, and ``start_tls`` starts TLS with
+    the usual buffer discard and session reset. The first rule that applies
+    wins; ``match`` sees the command's argument text; ``times=None`` means
+    for ever. ``raw_reply_to(command, b"")`` stalls: no reply at all.
+    """
+
+    def __init__(self) -> None:
+        self.rules: list[ScriptRule] = []
+        self.pre_tls_extensions: tuple[str, ...] | None = None
+        self.post_tls_extensions: tuple[str, ...] | None = None
+
+    def reply_to(
+        self,
+        command: str,
+        reply: str,
+        *,
+        match: Callable[[str], bool] | None = None,
+        times: int | None = None,
+        then_close: bool = False,
+    ) -> ScriptRule:
+        """Answer ``command`` with ``reply`` (lines split on newlines)."""
+        return self._add(
+            ScriptRule(
+                _command_name(command),
+                _reply_bytes(reply),
+                match=match,
+                times=times,
+                close=then_close,
+            )
+        )
+
+    def raw_reply_to(
+        self,
+        command: str,
+        data: bytes,
+        *,
+        match: Callable[[str], bool] | None = None,
+        times: int | None = None,
+        start_tls: bool = False,
+        close: bool = False,
+    ) -> ScriptRule:
+        """Answer ``command`` with ``data`` in one write, then maybe start TLS
+        or close: the tool for hostile-server tests (injection, bad syntax)."""
+        return self._add(
+            ScriptRule(
+                _command_name(command),
+                data,
+                match=match,
+                times=times,
+                start_tls=start_tls,
+                close=close,
+            )
+        )
+
+    def disconnect_at(
+        self,
+        command: str,
+        *,
+        match: Callable[[str], bool] | None = None,
+        times: int | None = None,
+        abort: bool = False,
+    ) -> ScriptRule:
+        """Close without replying (``abort`` resets instead of closing)."""
+        return self._add(
+            ScriptRule(
+                _command_name(command),
+                b"",
+                match=match,
+                times=times,
+                close=not abort,
+                abort=abort,
+            )
+        )
+
+    def raw_greeting(self, data: bytes, *, close: bool = False) -> ScriptRule:
+        """Send ``data`` instead of the 220 greeting."""
+        return self.raw_reply_to("CONNECT", data, close=close)
+
+    def ehlo_extensions(
+        self,
+        *,
+        pre_tls: Sequence[str] | None = None,
+        post_tls: Sequence[str] | None = None,
+    ) -> None:
+        """Replace what EHLO advertises before and/or after TLS.
+
+        Only the advertisement changes: commands behave as configured, so a
+        server can, say, hide STARTTLS and still accept it.
+        """
+        if pre_tls is not None:
+            self.pre_tls_extensions = tuple(pre_tls)
+        if post_tls is not None:
+            self.post_tls_extensions = tuple(post_tls)
+
+    def clear(self) -> None:
+        """Forget every rule and extension override."""
+        self.rules.clear()
+        self.pre_tls_extensions = None
+        self.post_tls_extensions = None
+
+    def take(self, command: str, argument: str) -> ScriptRule | None:
+        """The rule to apply to this command, counted as used; or None."""
+        for rule in self.rules:
+            if rule._applies(command, argument):
+                rule.hits += 1
+                if rule.times is not None:
+                    rule.times -= 1
+                return rule
+        return None
+
+    def _add(self, rule: ScriptRule) -> ScriptRule:
+        self.rules.append(rule)
+        return rule
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    hostname: str
+    tls_options: IOpenSSLServerConnectionCreator | None
+    implicit_tls: bool
+    max_size: int
+    users: Mapping[str, str]
+    tokens: Mapping[str, str]
+    require_auth: bool
+    require_tls_for_auth: bool
+
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        mechanisms: list[str] = []
+        if self.users:
+            mechanisms += ["PLAIN", "LOGIN"]
+        if self.tokens:
+            mechanisms += ["XOAUTH2", "OAUTHBEARER"]
+        return tuple(mechanisms)
+
+
+class SessionKnobs(TypedDict, total=False):
+    """Server settings other than the TLS options."""
+
+    hostname: str
+    implicit_tls: bool
+    max_size: int
+    users: Mapping[str, str]
+    tokens: Mapping[str, str]
+    require_auth: bool
+    require_tls_for_auth: bool
+    script: ServerScript
+
+
+class ServerKnobs(SessionKnobs, total=False):
+    """Every keyword :class:`ScriptedSMTPServerFactory` accepts."""
+
+    tls_options: IOpenSSLServerConnectionCreator | None
+
+
+@dataclass(slots=True)
+class _Transaction:
+    """The envelope and content of the mail transaction in progress."""
+
+    sender: str | None = None
+    smtputf8: bool = False
+    mail_options: tuple[str, ...] = ()
+    recipients: list[str] = field(default_factory=list)
+    recipient_options: list[tuple[str, ...]] = field(default_factory=list)
+    in_data: bool = False
+    data: list[bytes] = field(default_factory=list)
+    data_size: int = 0
+    too_big: bool = False
+
+
+class _Reject(Exception):
+    """A command is refused with ``reply``; raised by the parsers."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+# -- SASL, server side --------------------------------------------------------
+# Each mechanism is a generator: it yields challenges, receives the client's
+# decoded responses, and returns the authenticated user or None.
+
+_SASL = Generator[bytes, bytes, str | None]
+
+
+def _matches(expected: str | None, given: str) -> bool:
+    return expected is not None and hmac.compare_digest(
+        expected.encode("utf-8"), given.encode("utf-8")
+    )
+
+
+def _sasl_plain(initial: bytes | None, users: Mapping[str, str]) -> _SASL:
+    response = initial if initial is not None else (yield b"")
+    parts = response.split(b"\0")
+    if len(parts) != 3:
+        return None
+    try:
+        authzid, authcid, password = (part.decode("utf-8") for part in parts)
+    except UnicodeDecodeError:
+        return None
+    if authzid and authzid != authcid:
+        return None
+    return authcid if _matches(users.get(authcid), password) else None
+
+
+def _sasl_login(initial: bytes | None, users: Mapping[str, str]) -> _SASL:
+    username = initial if initial is not None else (yield b"Username:")
+    password = yield b"Password:"
+    try:
+        user, secret = username.decode("utf-8"), password.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return user if _matches(users.get(user), secret) else None
+
+
+def _bearer_fields(payload: bytes) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for item in payload.decode("utf-8", "replace").split("\x01"):
+        key, sep, value = item.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+def _bearer_token(fields: Mapping[str, str]) -> str | None:
+    auth = fields.get("auth", "")
+    scheme, _, token = auth.partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _sasl_xoauth2(initial: bytes | None, tokens: Mapping[str, str]) -> _SASL:
+    response = initial if initial is not None else (yield b"")
+    fields = _bearer_fields(response)
+    user = fields.get("user", "")
+    token = _bearer_token(fields)
+    if token is not None and _matches(tokens.get(user), token):
+        return user
+    # Google's dialogue: an error challenge, an empty response, then 535.
+    yield _XOAUTH2_ERROR
+    return None
+
+
+def _sasl_oauthbearer(initial: bytes | None, tokens: Mapping[str, str]) -> _SASL:
+    response = initial if initial is not None else (yield b"")
+    # RFC 7628: gs2 header "n,a=user," then \x01-separated key=value pairs.
+    header, _, rest = response.partition(b"\x01")
+    user = ""
+    for part in header.decode("utf-8", "replace").split(","):
+        if part.startswith("a="):
+            user = part[2:].replace("=2C", ",").replace("=3D", "=")
+    token = _bearer_token(_bearer_fields(rest))
+    if token is not None:
+        if not user:
+            user = next((u for u, t in tokens.items() if _matches(t, token)), "")
+        if _matches(tokens.get(user), token):
+            return user
+    yield _OAUTHBEARER_ERROR
+    return None
+
+
+# -- envelope parsing ---------------------------------------------------------
+
+
+def _split_path(text: str, prefix: str) -> tuple[str, list[str]]:
+    """Split ``FROM:<addr> PARAMS`` into the address and its parameters."""
+    if not text[: len(prefix)].upper() == prefix:
+        raise _Reject(f"501 5.5.4 Syntax: {prefix}<address>")
+    rest = text[len(prefix) :]
+    if not rest.startswith("<"):
+        raise _Reject(f"501 5.5.4 Syntax: {prefix}<address>")
+    quoted = False
+    end = -1
+    for index, char in enumerate(rest):
+        if char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            end = index
+            break
+    if end < 0:
+        raise _Reject(f"501 5.5.4 Syntax: {prefix}<address>")
+    address, params = rest[1:end], rest[end + 1 :]
+    if params and not params.startswith(" "):
+        raise _Reject(f"501 5.5.4 Syntax: {prefix}<address>")
+    if any(char in address for char in "\r\n\0"):
+        raise _Reject("501 5.1.7 Bad address syntax")
+    if ":" in address and address.startswith("@"):
+        # RFC 5321 4.1.2: a source route is accepted and ignored.
+        address = address.split(":", 1)[1]
+    return address, params.split()
+
+
+# -- the protocol -------------------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class ScriptedSMTPServer(LineReceiver):
+    """One ESMTP session, driven by its factory's settings and script."""
+
+    MAX_LENGTH = _COMMAND_LINE_LIMIT
+
+    factory: ScriptedSMTPServerFactory
+
+    def __init__(self, factory: ScriptedSMTPServerFactory, session: SessionLog) -> None:
+        self.factory = factory
+        self._settings = factory.settings
+        self._script = factory.script
+        self.session = session
+        self.tls_active = False
+        self.helo: str | None = None
+        self.esmtp = False
+        self.authenticated_as: str | None = None
+        self._auth: _SASL | None = None
+        self._reset_transaction()
+
+    # -- connection events ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory._open_session(self)
+        if self._settings.implicit_tls and self._tls_connection() is None:
+            self._start_tls()
+        elif self._tls_connection() is not None:
+            # An ssl: endpoint wrapped us in TLS already.
+            self.tls_active = self.session.tls = True
+        log.info(
+            "test SMTP session {session} from {peer} (tls={tls})",
+            session=self.session.number,
+            peer=self.session.peer,
+            tls=self.tls_active,
+        )
+        rule = self._script.take("CONNECT", "")
+        if rule is not None:
+            self._apply(rule)
+        else:
+            self._send(f"220 {self._settings.hostname} ESMTP txstarttls-test")
+
+    def handshakeCompleted(self) -> None:
+        connection = self._tls_connection()
+        log.info(
+            "test SMTP session {session}: TLS established ({version})",
+            session=self.session.number,
+            version=connection.get_protocol_version_name() if connection else None,
+        )
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._auth = None
+        log.info(
+            "test SMTP session {session} closed: {reason}",
+            session=self.session.number,
+            reason=reason.getErrorMessage(),
+        )
+        self.factory._close_session(self)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._txn.in_data:
+            self._send("552 5.3.4 Message line too long")
+        else:
+            self._send("500 5.5.2 Line too long")
+        self._lose()
+
+    # -- input ----------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._txn.in_data:
+            self._record("C", line + b"\r\n")
+            self._data_line(line)
+        elif self._auth is not None:
+            self._record("C", REDACTED + b"\r\n")
+            self._auth_response(line)
+        else:
+            self._command(line)
+
+    def _command(self, line: bytes) -> None:
+        verb_bytes, _, argument_bytes = line.partition(b" ")
+        verb = verb_bytes.decode("ascii", "replace").upper()
+        shown = line
+        if verb == "AUTH" and b" " in argument_bytes.strip():
+            mechanism = argument_bytes.strip().split(b" ", 1)[0]
+            shown = verb_bytes + b" " + mechanism + b" " + REDACTED
+        self._record("C", shown + b"\r\n")
+        log.debug(
+            "test SMTP session {session} C: {line}",
+            session=self.session.number,
+            line=shown.decode("utf-8", "replace"),
+        )
+        try:
+            argument = argument_bytes.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            self._send("500 5.5.2 Syntax error: invalid UTF-8")
+            return
+        rule = self._script.take(verb, argument)
+        if rule is not None:
+            self._apply(rule)
+            return
+        handler = self._handlers.get(verb)
+        try:
+            if handler is not None:
+                handler(self, argument)
+            elif verb in _NOT_IMPLEMENTED:
+                self._send("502 5.5.1 Command not implemented")
+            else:
+                self._send("500 5.5.2 Error: command not recognized")
+        except _Reject as rejected:
+            self._send(rejected.reply)
+
+    # -- commands -------------------------------------------------------------
+
+    def _smtp_ehlo(self, argument: str) -> None:
+        if not argument:
+            self._send("501 Syntax: EHLO hostname")
+            return
+        self.helo, self.esmtp = argument, True
+        self._reset_transaction()
+        *head, last = [self._settings.hostname, *self._extensions()]
+        self._send("".join(f"250-{line}\n" for line in head) + f"250 {last}")
+
+    def _smtp_helo(self, argument: str) -> None:
+        if not argument:
+            self._send("501 Syntax: HELO hostname")
+            return
+        self.helo, self.esmtp = argument, False
+        self._reset_transaction()
+        self._send(f"250 {self._settings.hostname}")
+
+    def _smtp_starttls(self, argument: str) -> None:
+        if argument:
+            self._send("501 5.5.4 Syntax: STARTTLS takes no parameters")
+        elif self._settings.tls_options is None:
+            self._send("502 5.5.1 Command not implemented")
+        elif self.tls_active:
+            self._send("503 5.5.1 Error: TLS already active")
+        elif self.helo is None:
+            self._send("503 5.5.1 Error: send EHLO first")
+        else:
+            self._send("220 2.0.0 Ready to start TLS")
+            self._start_tls()
+
+    def _smtp_auth(self, argument: str) -> None:
+        settings = self._settings
+        if not settings.mechanisms:
+            raise _Reject("502 5.5.1 Command not implemented")
+        if self.helo is None or not self.esmtp:
+            raise _Reject("503 5.5.1 Error: send EHLO first")
+        if self.authenticated_as is not None:
+            raise _Reject("503 5.5.1 Error: already authenticated")
+        if self._txn.sender is not None:
+            raise _Reject("503 5.5.1 Error: AUTH not permitted during a transaction")
+        if settings.require_tls_for_auth and not self.tls_active:
+            raise _Reject(
+                "538 5.7.11 Encryption required for requested authentication mechanism"
+            )
+        mechanism, _, initial_text = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in settings.mechanisms:
+            raise _Reject("504 5.5.4 Unrecognized authentication type")
+        initial: bytes | None = None
+        if initial_text:
+            if initial_text == "*":
+                raise _Reject("501 5.0.0 Authentication cancelled")
+            initial = self._decode_sasl(initial_text.encode("ascii", "replace"))
+            if initial is None:
+                return
+        exchanges: dict[str, Callable[[bytes | None], _SASL]] = {
+            "PLAIN": lambda i: _sasl_plain(i, settings.users),
+            "LOGIN": lambda i: _sasl_login(i, settings.users),
+            "XOAUTH2": lambda i: _sasl_xoauth2(i, settings.tokens),
+            "OAUTHBEARER": lambda i: _sasl_oauthbearer(i, settings.tokens),
+        }
+        self._auth_mechanism = mechanism
+        self._auth = exchanges[mechanism](initial)
+        self._auth_step(lambda exchange: next(exchange))
+
+    def _smtp_mail(self, argument: str) -> None:
+        if self.helo is None:
+            raise _Reject("503 5.5.1 Error: send HELO/EHLO first")
+        if self._txn.sender is not None:
+            raise _Reject("503 5.5.1 Error: nested MAIL command")
+        if self._settings.require_auth and self.authenticated_as is None:
+            raise _Reject("530 5.7.0 Authentication required")
+        address, params = _split_path(argument, "FROM:")
+        smtputf8 = False
+        for param in params:
+            self._check_esmtp(param)
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE":
+                if not value.isdigit():
+                    raise _Reject("501 5.5.4 Bad SIZE parameter")
+                if int(value) > self._settings.max_size:
+                    raise _Reject(
+                        "552 5.3.4 Message size exceeds fixed maximum message size"
+                    )
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    raise _Reject("501 5.5.4 Bad BODY parameter")
+            elif key == "SMTPUTF8":
+                smtputf8 = True
+            elif key == "RET":
+                if value.upper() not in ("FULL", "HDRS"):
+                    raise _Reject("501 5.5.4 Bad RET parameter")
+            elif key not in ("ENVID", "AUTH"):
+                raise _Reject(f"555 5.5.4 Unsupported option: {key}")
+        if not address.isascii() and not smtputf8:
+            raise _Reject("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+        self._txn.sender, self._txn.smtputf8 = address, smtputf8
+        self._txn.mail_options = tuple(params)
+        self._send("250 2.1.0 Ok")
+
+    def _smtp_rcpt(self, argument: str) -> None:
+        if self._txn.sender is None:
+            raise _Reject("503 5.5.1 Error: need MAIL command")
+        address, params = _split_path(argument, "TO:")
+        if not address:
+            raise _Reject("501 5.1.3 Bad recipient address syntax")
+        for param in params:
+            self._check_esmtp(param)
+            key = param.partition("=")[0].upper()
+            if key not in ("NOTIFY", "ORCPT"):
+                raise _Reject(f"555 5.5.4 Unsupported option: {key}")
+        if not address.isascii() and not self._txn.smtputf8:
+            raise _Reject("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+        self._txn.recipients.append(address)
+        self._txn.recipient_options.append(tuple(params))
+        self._send("250 2.1.5 Ok")
+
+    def _smtp_data(self, argument: str) -> None:
+        if argument:
+            raise _Reject("501 5.5.4 Syntax: DATA takes no parameters")
+        if self._txn.sender is None:
+            raise _Reject("503 5.5.1 Error: need MAIL command")
+        if not self._txn.recipients:
+            raise _Reject("554 5.5.1 Error: no valid recipients")
+        self._txn.in_data = True
+        self.MAX_LENGTH = _DATA_LINE_LIMIT
+        self._send("354 End data with <CR><LF>.<CR><LF>")
+
+    def _smtp_rset(self, argument: str) -> None:
+        if argument:
+            raise _Reject("501 5.5.4 Syntax: RSET takes no parameters")
+        self._reset_transaction()
+        self._send("250 2.0.0 Ok")
+
+    def _smtp_noop(self, argument: str) -> None:
+        self._send("250 2.0.0 Ok")
+
+    def _smtp_vrfy(self, argument: str) -> None:
+        if not argument:
+            raise _Reject("501 5.5.4 Syntax: VRFY address")
+        self._send("252 2.0.0 Cannot VRFY user, but will accept message")
+
+    def _smtp_quit(self, argument: str) -> None:
+        self._send("221 2.0.0 Bye")
+        self._lose()
+
+    _handlers: dict[str, Callable[[ScriptedSMTPServer, str], None]] = {
+        "EHLO": _smtp_ehlo,
+        "HELO": _smtp_helo,
+        "STARTTLS": _smtp_starttls,
+        "AUTH": _smtp_auth,
+        "MAIL": _smtp_mail,
+        "RCPT": _smtp_rcpt,
+        "DATA": _smtp_data,
+        "RSET": _smtp_rset,
+        "NOOP": _smtp_noop,
+        "VRFY": _smtp_vrfy,
+        "QUIT": _smtp_quit,
+    }
+
+    # -- AUTH dialogue --------------------------------------------------------
+
+    def _decode_sasl(self, text: bytes) -> bytes | None:
+        if text == b"=":
+            return b""
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self._end_auth("501 5.5.2 Cannot decode response")
+            return None
+
+    def _auth_response(self, line: bytes) -> None:
+        if line == b"*":
+            self._end_auth("501 5.0.0 Authentication cancelled")
+            return
+        response = self._decode_sasl(line)
+        if response is not None:
+            self._auth_step(lambda exchange: exchange.send(response))
+
+    def _auth_step(self, advance: Callable[[_SASL], bytes]) -> None:
+        exchange = self._auth
+        if exchange is None:
+            return
+        try:
+            challenge = advance(exchange)
+        except StopIteration as done:
+            user: str | None = done.value
+            if user is None:
+                log.info(
+                    "test SMTP session {session}: AUTH {mechanism} failed",
+                    session=self.session.number,
+                    mechanism=self._auth_mechanism,
+                )
+                self._end_auth("535 5.7.8 Authentication credentials invalid")
+            else:
+                log.info(
+                    "test SMTP session {session}: AUTH {mechanism} succeeded",
+                    session=self.session.number,
+                    mechanism=self._auth_mechanism,
+                )
+                self.authenticated_as = user
+                self._end_auth("235 2.7.0 Authentication successful")
+            return
+        self._send("334 " + base64.b64encode(challenge).decode("ascii"))
+
+    def _end_auth(self, reply: str) -> None:
+        self._auth = None
+        self._send(reply)
+
+    # -- DATA -----------------------------------------------------------------
+
+    def _data_line(self, line: bytes) -> None:
+        if line == b".":
+            self._end_data()
+            return
+        if line.startswith(b"."):
+            line = line[1:]
+        self._txn.data_size += len(line) + 2
+        if self._txn.data_size > self._settings.max_size:
+            # Keep reading to the final dot, but stop keeping the content.
+            self._txn.too_big = True
+            self._txn.data.clear()
+        else:
+            self._txn.data.append(line + b"\r\n")
+
+    def _end_data(self) -> None:
+        self._txn.in_data = False
+        self.MAX_LENGTH = _COMMAND_LINE_LIMIT
+        content = b"".join(self._txn.data)
+        rule = self._script.take("DATA_END", content.decode("utf-8", "replace"))
+        if rule is not None:
+            self._reset_transaction()
+            self._apply(rule)
+            return
+        if self._txn.too_big:
+            self._reset_transaction()
+            self._send("552 5.3.4 Message size exceeds fixed maximum message size")
+            return
+        assert self._txn.sender is not None
+        connection = self._tls_connection()
+        message = ReceivedMessage(
+            sender=self._txn.sender,
+            recipients=tuple(self._txn.recipients),
+            data=content,
+            tls=self.tls_active,
+            tls_version=(
+                connection.get_protocol_version_name() if connection else None
+            ),
+            authenticated_as=self.authenticated_as,
+            helo=self.helo,
+            queue_id=self.factory._next_queue_id(),
+            mail_options=self._txn.mail_options,
+            recipient_options=tuple(self._txn.recipient_options),
+            session=self.session.number,
+        )
+        self._reset_transaction()
+        log.info(
+            "test SMTP session {session}: queued {queue_id} from <{sender}> "
+            "for {count} recipient(s)",
+            session=self.session.number,
+            queue_id=message.queue_id,
+            sender=message.sender,
+            count=len(message.recipients),
+        )
+        self._send(f"250 2.0.0 Ok: queued as {message.queue_id}")
+        self.factory._message_received(message)
+
+    # -- helpers --------------------------------------------------------------
+
+    def _extensions(self) -> list[str]:
+        override = (
+            self._script.post_tls_extensions
+            if self.tls_active
+            else self._script.pre_tls_extensions
+        )
+        if override is not None:
+            return list(override)
+        settings = self._settings
+        extensions = ["PIPELINING", f"SIZE {settings.max_size}"]
+        if settings.tls_options is not None and not self.tls_active:
+            extensions.append("STARTTLS")
+        if settings.mechanisms and (
+            self.tls_active or not settings.require_tls_for_auth
+        ):
+            extensions.append("AUTH " + " ".join(settings.mechanisms))
+        extensions += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+        return extensions
+
+    def _check_esmtp(self, param: str) -> None:
+        if not self.esmtp:
+            raise _Reject("555 5.5.4 ESMTP parameters need EHLO")
+        if any(ord(char) < 0x21 or ord(char) == 0x7F for char in param):
+            raise _Reject("501 5.5.4 Bad parameter syntax")
+
+    def _reset_transaction(self) -> None:
+        self._txn = _Transaction()
+
+    def _start_tls(self) -> None:
+        options = self._settings.tls_options
+        if options is None:
+            log.error(
+                "test SMTP session {session}: script asked for TLS but the "
+                "server has no TLS options; aborting",
+                session=self.session.number,
+            )
+            self._abort()
+            return
+        # CVE-2011-0411: whatever the client pipelined behind STARTTLS was
+        # sent in clear text and must not be run inside the TLS session.
+        discarded = self.clearLineBuffer()  # type: ignore[no-untyped-call]
+        if discarded:
+            log.warn(
+                "test SMTP session {session}: discarded {count} bytes pipelined "
+                "after STARTTLS",
+                session=self.session.number,
+                count=len(discarded),
+            )
+            self.session.discarded_after_starttls += discarded
+        assert self.transport is not None
+        self.transport.startTLS(options)  # type: ignore[attr-defined]
+        self.tls_active = self.session.tls = True
+        # RFC 3207 4.2: forget everything learnt from the client before TLS.
+        self.helo, self.esmtp, self.authenticated_as = None, False, None
+        self._auth = None
+        self._reset_transaction()
+
+    def _apply(self, rule: ScriptRule) -> None:
+        if rule.data:
+            self._send_raw(rule.data)
+        if rule.start_tls:
+            self._start_tls()
+        if rule.abort:
+            self._abort()
+        elif rule.close:
+            self._lose()
+
+    def _send(self, reply: str) -> None:
+        self._send_raw(_reply_bytes(reply))
+
+    def _send_raw(self, data: bytes) -> None:
+        self._record("S", data)
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def _record(self, direction: Direction, data: bytes) -> None:
+        self.session.transcript.append((direction, data))
+
+    def _lose(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _tls_connection(self) -> SSL.Connection | None:
+        get_handle = getattr(self.transport, "getHandle", None)
+        if get_handle is None:
+            return None
+        handle = get_handle()
+        return handle if isinstance(handle, SSL.Connection) else None
+
+
+class ScriptedSMTPServerFactory(Factory[ScriptedSMTPServer]):
+    """Builds :class:`ScriptedSMTPServer` sessions and keeps what they saw.
+
+    ``tls_options`` enables STARTTLS (``CertificateOptions`` or any
+    ``IOpenSSLServerConnectionCreator``). ``implicit_tls`` starts TLS as soon
+    as a client connects, port-465 style, on any transport; a listener on an
+    ``ssl:`` endpoint works too, with ``implicit_tls`` left False.
+    ``require_tls_for_auth`` hides and refuses AUTH before TLS.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        *,
+        hostname: str = DEFAULT_HOSTNAME,
+        tls_options: IOpenSSLServerConnectionCreator | None = None,
+        implicit_tls: bool = False,
+        max_size: int = DEFAULT_MAX_SIZE,
+        users: Mapping[str, str] | None = None,
+        tokens: Mapping[str, str] | None = None,
+        require_auth: bool = False,
+        require_tls_for_auth: bool = True,
+        script: ServerScript | None = None,
+    ) -> None:
+        if implicit_tls and tls_options is None:
+            raise ValueError("implicit_tls needs tls_options")
+        self.settings = _Settings(
+            hostname=hostname,
+            tls_options=tls_options,
+            implicit_tls=implicit_tls,
+            max_size=max_size,
+            users=dict(users or {}),
+            tokens=dict(tokens or {}),
+            require_auth=require_auth,
+            require_tls_for_auth=require_tls_for_auth,
+        )
+        self.script = script if script is not None else ServerScript()
+        self.messages: list[ReceivedMessage] = []
+        self.sessions: list[SessionLog] = []
+        self.live: set[ScriptedSMTPServer] = set()
+        self._queue_ids = itertools.count(1)
+        self._session_numbers = itertools.count(1)
+        self._message_waiters: list[tuple[int, Deferred[list[ReceivedMessage]]]] = []
+
+    def buildProtocol(self, addr: IAddress | None) -> ScriptedSMTPServer:
+        host = getattr(addr, "host", None)
+        peer = f"{host}:{getattr(addr, 'port', 0)}" if host else "unknown"
+        session = SessionLog(number=next(self._session_numbers), peer=peer)
+        return ScriptedSMTPServer(self, session)
+
+    def wait_for_messages(self, count: int) -> Deferred[list[ReceivedMessage]]:
+        """Fire with the first ``count`` messages once that many arrived."""
+        if len(self.messages) >= count:
+            return defer.succeed(self.messages[:count])
+        waiter: Deferred[list[ReceivedMessage]] = Deferred()
+        self._message_waiters.append((count, waiter))
+        return waiter
+
+    def transcripts(self) -> list[list[tuple[Direction, bytes]]]:
+        """Each connection's transcript, in connection order."""
+        return [session.transcript for session in self.sessions]
+
+    def _open_session(self, protocol: ScriptedSMTPServer) -> None:
+        self.sessions.append(protocol.session)
+        self.live.add(protocol)
+
+    def _close_session(self, protocol: ScriptedSMTPServer) -> None:
+        self.live.discard(protocol)
+        protocol.session._close()
+
+    def _next_queue_id(self) -> str:
+        return f"TX{next(self._queue_ids):08X}"
+
+    def _message_received(self, message: ReceivedMessage) -> None:
+        self.messages.append(message)
+        ready = [(n, d) for n, d in self._message_waiters if len(self.messages) >= n]
+        self._message_waiters = [
+            (n, d) for n, d in self._message_waiters if len(self.messages) < n
+        ]
+        for count, waiter in ready:
+            waiter.callback(self.messages[:count])
+
+
+# -- running on a real port ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    """A factory listening on a port; ``stop()`` also drops open sessions."""
+
+    host: str
+    port: int
+    factory: ScriptedSMTPServerFactory
+    listening_port: IListeningPort
+
+    def stop(self) -> Deferred[None]:
+        """Stop listening and abort live sessions; fires when all are gone."""
+        stopped: list[Deferred[object]] = [
+            defer.maybeDeferred(self.listening_port.stopListening)
+        ]
+        for protocol in list(self.factory.live):
+            closed = protocol.session.when_closed()
+            protocol._abort()
+            stopped.append(closed.addCallback(lambda _: None))
+        done = defer.gatherResults(stopped, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+
+def listen_test_server(
+    reactor: IReactorCore,
+    factory: ScriptedSMTPServerFactory,
+    endpoint_description: str = DEFAULT_ENDPOINT,
+) -> Deferred[RunningServer]:
+    """Listen with an existing factory on ``endpoint_description``."""
+    endpoint = serverFromString(reactor, endpoint_description)  # type: ignore[no-untyped-call]
+
+    def started(port: IListeningPort) -> RunningServer:
+        address = port.getHost()
+        return RunningServer(
+            host=getattr(address, "host", ""),
+            port=getattr(address, "port", 0),
+            factory=factory,
+            listening_port=port,
+        )
+
+    listening: Deferred[IListeningPort] = endpoint.listen(factory)
+    return listening.addCallback(started)
+
+
+def start_test_server(
+    reactor: IReactorCore,
+    endpoint_description: str = DEFAULT_ENDPOINT,
+    **knobs: Unpack[ServerKnobs],
+) -> Deferred[RunningServer]:
+    """Listen on ``endpoint_description`` (default: a free loopback port)."""
+    factory = ScriptedSMTPServerFactory(**knobs)
+    return listen_test_server(reactor, factory, endpoint_description)
+
+
+def server_tls_options(certificate: IssuedCertificate) -> CertificateOptions:
+    """Server-side TLS options for an issued certificate.
+
+    Built from ``cryptography`` objects: ``PrivateCertificate.options()``
+    hands pyOpenSSL deprecated X509/PKey objects and warns on every context.
+    """
+    # Twisted's annotations still say PKey/X509; pyOpenSSL takes these.
+    return CertificateOptions(
+        privateKey=load_pem_private_key(  # type: ignore[arg-type]
+            certificate.key_pem, password=None
+        ),
+        certificate=x509.load_pem_x509_certificate(  # type: ignore[arg-type]
+            certificate.certificate_pem
+        ),
+    )
+
+
+class TestMailServer:
+    """A test upstream with its own throwaway CA: a demo in one call.
+
+    ``TestMailServer(users={"me": "pw"}).start(reactor)`` listens on a free
+    loopback port with STARTTLS using a certificate for ``mx.test.example``,
+    ``localhost``, ``127.0.0.1`` and ``::1``; clients trust :attr:`ca_pem`.
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(
+        self,
+        *,
+        names: Sequence[str] = (DEFAULT_HOSTNAME, "localhost", "127.0.0.1", "::1"),
+        **knobs: Unpack[SessionKnobs],
+    ) -> None:
+        self.ca = CertificateAuthority()
+        self.certificate: IssuedCertificate = self.ca.issue(*names)
+        self.hostname = names[0]
+        knobs.setdefault("hostname", self.hostname)
+        self.factory = ScriptedSMTPServerFactory(
+            tls_options=server_tls_options(self.certificate), **knobs
+        )
+
+    @property
+    def ca_pem(self) -> bytes:
+        """The CA certificate clients must trust."""
+        return self.ca.certificate_pem
+
+    @property
+    def script(self) -> ServerScript:
+        return self.factory.script
+
+    @property
+    def messages(self) -> list[ReceivedMessage]:
+        return self.factory.messages
+
+    def ca_file(self, path: Path | str) -> Path:
+        """Write the CA certificate to ``path`` (for CLI clients) and return it."""
+        target = Path(path)
+        target.write_bytes(self.ca_pem)
+        return target
+
+    def client_tls_options(
+        self, hostname: str | None = None
+    ) -> IOpenSSLClientConnectionCreator:
+        """Twisted client options that trust this server's CA."""
+        trust = Certificate.loadPEM(self.ca_pem)
+        options: IOpenSSLClientConnectionCreator = optionsForClientTLS(
+            hostname or self.hostname, trustRoot=trust
+        )
+        return options
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A standard-library context trusting this CA (for smtplib)."""
+        return ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
+
+    def start(
+        self,
+        reactor: IReactorCore,
+        endpoint_description: str = DEFAULT_ENDPOINT,
+    ) -> Deferred[RunningServer]:
+        """Listen with this server's factory; see :func:`start_test_server`."""
+        return listen_test_server(reactor, self.factory, endpoint_description)
