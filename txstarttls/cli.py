@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.utils import getProcessOutputAndValue
 
 from txstarttls import __version__
-from txstarttls.client import Timeouts
+from txstarttls.client import Timeouts, Transcript
 from txstarttls.errors import (
     ConfigurationError,
     InvalidAddress,
@@ -26,8 +26,10 @@ from txstarttls.errors import (
     SMTPError,
 )
 from txstarttls.sasl import Credentials
-from txstarttls.session import Envelope, SendResult, Upstream, deliver
+from txstarttls.send import deliver
+from txstarttls.session import Envelope, SendResult
 from txstarttls.tls import TLSMode, TLSPolicy
+from txstarttls.upstream import Upstream
 
 EX_OK = 0
 EX_USAGE = 64
@@ -213,7 +215,7 @@ def exit_status_for_error(error: SMTPError) -> int:
     return EX_TEMPFAIL if error.is_transient else EX_UNAVAILABLE
 
 
-def _transcript_printer(stream: TextIO) -> object:
+def _transcript_printer(stream: TextIO) -> Transcript:
     def show(direction: str, line: bytes) -> None:
         arrow = "->" if direction == "C" else "<-"
         stream.write(f"{arrow} {line.decode('utf-8', 'backslashreplace')}\n")
@@ -241,7 +243,7 @@ async def run_send(
             upstream,
             envelope,
             message,
-            transcript=transcript,  # type: ignore[arg-type]
+            transcript=transcript,
         )
     except SMTPError as error:
         stderr.write(f"txstarttls: {error}\n")

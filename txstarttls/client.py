@@ -22,12 +22,18 @@ import binascii
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+)
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -132,7 +138,7 @@ class ESMTPClient(LineReceiver):
         allow_plaintext_auth: bool = False,
         transcript: Transcript | None = None,
     ) -> None:
-        self._clock = clock
+        self.clock = clock
         self.timeouts = timeouts or Timeouts()
         self._implicit_tls = implicit_tls
         self.allow_plaintext_auth = allow_plaintext_auth
@@ -463,7 +469,7 @@ class ESMTPClient(LineReceiver):
         return waiter
 
     def _expect(self, phase: Phase) -> Deferred[Reply]:
-        timer = self._clock.callLater(
+        timer = self.clock.callLater(
             self.timeouts.for_phase(phase), self._timed_out, phase
         )
         waiter = _Waiter(phase, timer)
@@ -501,7 +507,7 @@ class ESMTPClient(LineReceiver):
         self.transport.startTLS(tls.creator)  # type: ignore[union-attr]
 
     def _start_handshake_timer(self) -> None:
-        self._tls_timer = self._clock.callLater(
+        self._tls_timer = self.clock.callLater(
             self.timeouts.tls_handshake, self._timed_out, Phase.TLS_HANDSHAKE
         )
 
@@ -557,3 +563,22 @@ def _ssl_error_text(error: SSL.Error) -> str:
         if isinstance(entry, tuple) and entry:
             parts.append(str(entry[-1]))
     return "; ".join(parts) or str(error) or "unknown TLS error"
+
+
+class ESMTPClientFactory(ClientFactory):
+    """Builds ESMTPClient connections for code that connects by hand.
+
+    ``options`` are passed to every ESMTPClient; the latest one built is kept
+    in ``protocol_instance`` for the caller to drive.
+    """
+
+    def __init__(self, clock: IReactorTime, **options: Any) -> None:
+        self._clock = clock
+        self._options = options
+        self.protocol_instance: ESMTPClient | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> ESMTPClient:
+        client = ESMTPClient(self._clock, **self._options)
+        client.factory = self
+        self.protocol_instance = client
+        return client

@@ -11,18 +11,9 @@ from __future__ import annotations
 
 import inspect
 import socket
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    clientFromString,
-    connectProtocol,
-    wrapClientTLS,
-)
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from txstarttls.address import (
@@ -30,12 +21,10 @@ from txstarttls.address import (
     validate_address,
     validate_hostname_argument,
 )
-from txstarttls.client import ESMTPClient, Timeouts, Transcript
+from txstarttls.client import ESMTPClient
 from txstarttls.data import encode_body
 from txstarttls.errors import (
     AuthenticationFailed,
-    ConfigurationError,
-    ConnectionFailed,
     ExtensionRequired,
     InvalidArgument,
     MessageTooLarge,
@@ -49,63 +38,10 @@ from txstarttls.errors import (
 )
 from txstarttls.reply import Reply
 from txstarttls.sasl import Credentials, choose_mechanism
-from txstarttls.tls import ClientTLS, TLSInfo, TLSMode, TLSPolicy, client_tls
+from txstarttls.tls import ClientTLS, TLSInfo, TLSMode
+from txstarttls.upstream import Upstream
 
 _log = Logger()
-
-DEFAULT_PORTS = {TLSMode.IMPLICIT: 465}
-SUBMISSION_PORT = 587
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """Where and how to deliver: one smarthost and its TLS and AUTH settings.
-
-    Give ``host`` (and optionally ``port``), or a Twisted client ``endpoint``
-    description such as ``tcp:host=smtp.example.net:port=587`` or
-    ``unix:path=/run/smtp.sock``; with an endpoint and TLS, the name to verify
-    comes from ``tls.hostname`` or the endpoint's ``host=``.
-    """
-
-    host: str | None = None
-    port: int | None = None
-    endpoint: str | None = None
-    tls: TLSPolicy = field(default_factory=TLSPolicy)
-    credentials: Credentials | None = None
-    ehlo_name: str | None = None
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    allow_plaintext_auth: bool = False
-    """Let AUTH go over plaintext, but only to a loopback or UNIX-socket peer."""
-
-    def __post_init__(self) -> None:
-        if (self.host is None) == (self.endpoint is None):
-            raise ConfigurationError("give exactly one of host or endpoint")
-        if self.port is not None and not 0 < self.port < 65536:
-            raise ConfigurationError(f"port must be 1-65535, got {self.port}")
-        if self.ehlo_name is not None:
-            validate_hostname_argument(self.ehlo_name)
-
-    @property
-    def effective_port(self) -> int:
-        return self.port or DEFAULT_PORTS.get(self.tls.mode, SUBMISSION_PORT)
-
-    @property
-    def verify_name(self) -> str | None:
-        """The name the certificate must carry: configured, never learned."""
-        if self.tls.hostname is not None:
-            return self.tls.hostname
-        if self.host is not None:
-            return self.host
-        assert self.endpoint is not None
-        return _endpoint_host(self.endpoint)
-
-
-def _endpoint_host(description: str) -> str | None:
-    for part in description.split(":")[1:]:
-        key, sep, value = part.partition("=")
-        if sep and key == "host":
-            return value
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,79 +374,37 @@ def _is_local_peer(client: ESMTPClient) -> bool:
     return False
 
 
-def _endpoint(
-    reactor: IReactorTime, upstream: Upstream, tls: ClientTLS | None
-) -> IStreamClientEndpoint:
-    if upstream.endpoint is not None:
-        endpoint: IStreamClientEndpoint = clientFromString(  # type: ignore[no-untyped-call]
-            reactor, upstream.endpoint
-        )
-    else:
-        assert upstream.host is not None
-        endpoint = HostnameEndpoint(
-            reactor,
-            upstream.host,
-            upstream.effective_port,
-            timeout=upstream.timeouts.connect,
-        )
-    if upstream.tls.mode is TLSMode.IMPLICIT:
-        assert tls is not None
-        endpoint = wrapClientTLS(tls.creator, endpoint)
-    return endpoint
+@dataclass(frozen=True, slots=True)
+class PreparedMessage:
+    """A message encoded for the wire, checked before any connection."""
+
+    body: bytes
+    eight_bit: bool
+
+    @classmethod
+    def from_bytes(cls, message: bytes) -> PreparedMessage:
+        return cls(body=encode_body(message), eight_bit=not message.isascii())
 
 
-def prepare_tls(
-    upstream: Upstream, trust_root: object | None = None
-) -> ClientTLS | None:
-    """The ClientTLS for an upstream, or None in plaintext mode."""
-    if not upstream.tls.uses_tls:
-        return None
-    name = upstream.verify_name
-    if name is None:
-        raise ConfigurationError(
-            "TLS needs a host name to verify: set tls_hostname for this endpoint"
-        )
-    return client_tls(upstream.tls, name, trust_root=trust_root)  # type: ignore[arg-type]
-
-
-async def deliver(
-    reactor: IReactorTime,
+async def run_session(
+    client: ESMTPClient,
     upstream: Upstream,
+    tls: ClientTLS | None,
     envelope: Envelope,
-    message: bytes,
-    *,
-    trust_root: object | None = None,
-    transcript: Transcript | None = None,
+    message: PreparedMessage,
 ) -> SendResult:
-    """Connect, deliver one message, hang up; raise a typed SMTPError on failure."""
-    body = encode_body(message)
-    eight_bit = not message.isascii()
-    tls = prepare_tls(upstream, trust_root)
-    client = ESMTPClient(
-        reactor,
-        timeouts=upstream.timeouts,
-        implicit_tls=tls if upstream.tls.mode is TLSMode.IMPLICIT else None,
-        transcript=transcript,
-    )
-    try:
-        await connectProtocol(  # type: ignore[no-untyped-call]
-            _endpoint(reactor, upstream, tls), client
-        )
-    except Exception as error:
-        raise ConnectionFailed(
-            f"cannot connect to {upstream.host or upstream.endpoint}: {error}",
-            phase=Phase.CONNECT,
-        ) from None
+    """Deliver one message over a connected client, then hang up.
+
+    Raises a typed SMTPError on failure; logs one line per recipient.
+    """
     plaintext_auth_ok = upstream.allow_plaintext_auth and _is_local_peer(client)
     client.allow_plaintext_auth = plaintext_auth_ok
     overall = None
     if upstream.timeouts.overall is not None:
-        overall = reactor.callLater(
+        overall = client.clock.callLater(
             upstream.timeouts.overall,
             client.abort,
-            Timeout(
-                f"whole session took over {upstream.timeouts.overall:g} s", phase=None
-            ),
+            Timeout(f"whole session took over {upstream.timeouts.overall:g} s"),
         )
     session = Session(
         client,
@@ -521,13 +415,14 @@ async def deliver(
     )
     try:
         await session.open()
-        results, final = await session.transaction(envelope, body, eight_bit=eight_bit)
+        results, final = await session.transaction(
+            envelope, message.body, eight_bit=message.eight_bit
+        )
     finally:
         if overall is not None and overall.active():
             overall.cancel()
         relay = _describe_peer(client, upstream)
         session.close()
-    result = SendResult(recipients=results, reply=final, tls=client.tls, relay=relay)
     for recipient in results:
         _log.info(
             "to=<{to}>, relay={relay}, dsn={dsn}, status={status} ({reply})",
@@ -537,59 +432,4 @@ async def deliver(
             status=recipient.status,
             reply=str(recipient.reply),
         )
-    return result
-
-
-def send(
-    reactor: IReactorTime,
-    *,
-    sender: str,
-    recipients: Sequence[str],
-    message: bytes,
-    host: str | None = None,
-    port: int | None = None,
-    endpoint: str | None = None,
-    tls: str | TLSMode = TLSMode.REQUIRED,
-    tls_hostname: str | None = None,
-    ca_file: str | None = None,
-    fingerprint: str | None = None,
-    credentials: Credentials | None = None,
-    ehlo_name: str | None = None,
-    timeouts: Timeouts | None = None,
-    allow_plaintext_auth: bool = False,
-    trust_root: object | None = None,
-    transcript: Transcript | None = None,
-) -> Deferred[SendResult]:
-    """Send one message; fires with a SendResult or fails with an SMTPError.
-
-    Everything is validated before a connection is opened. Works with
-    ``await`` inside a coroutine run by ``ensureDeferred``.
-    """
-
-    async def run() -> SendResult:
-        upstream = Upstream(
-            host=host,
-            port=port,
-            endpoint=endpoint,
-            tls=TLSPolicy(
-                mode=TLSMode.parse(tls),
-                hostname=tls_hostname,
-                ca_file=ca_file,
-                fingerprint=fingerprint,
-            ),
-            credentials=credentials,
-            ehlo_name=ehlo_name,
-            timeouts=timeouts or Timeouts(),
-            allow_plaintext_auth=allow_plaintext_auth,
-        )
-        envelope = Envelope(sender, tuple(recipients))
-        return await deliver(
-            reactor,
-            upstream,
-            envelope,
-            message,
-            trust_root=trust_root,
-            transcript=transcript,
-        )
-
-    return ensureDeferred(run())
+    return SendResult(recipients=results, reply=final, tls=client.tls, relay=relay)

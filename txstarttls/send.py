@@ -1,0 +1,104 @@
+"""One-shot sending: connect, run one session, hang up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IReactorTime
+
+from txstarttls.client import ESMTPClient, Timeouts, Transcript
+from txstarttls.errors import ConnectionFailed, Phase
+from txstarttls.sasl import Credentials
+from txstarttls.session import Envelope, PreparedMessage, SendResult, run_session
+from txstarttls.tls import TLSMode, TLSPolicy
+from txstarttls.upstream import Upstream, client_endpoint, prepare_tls
+
+
+async def deliver(
+    reactor: IReactorTime,
+    upstream: Upstream,
+    envelope: Envelope,
+    message: bytes,
+    *,
+    trust_root: object | None = None,
+    transcript: Transcript | None = None,
+) -> SendResult:
+    """Connect, deliver one message, hang up; raise a typed SMTPError on failure.
+
+    The message is encoded (and refused if invalid) before connecting.
+    """
+    prepared = PreparedMessage.from_bytes(message)
+    tls = prepare_tls(upstream, trust_root)
+    client = ESMTPClient(
+        reactor,
+        timeouts=upstream.timeouts,
+        implicit_tls=tls if upstream.tls.mode is TLSMode.IMPLICIT else None,
+        transcript=transcript,
+    )
+    try:
+        await connectProtocol(  # type: ignore[no-untyped-call]
+            client_endpoint(reactor, upstream, tls), client
+        )
+    except Exception as error:
+        raise ConnectionFailed(
+            f"cannot connect to {upstream.host or upstream.endpoint}: {error}",
+            phase=Phase.CONNECT,
+        ) from None
+    return await run_session(client, upstream, tls, envelope, prepared)
+
+
+def send(
+    reactor: IReactorTime,
+    *,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    host: str | None = None,
+    port: int | None = None,
+    endpoint: str | None = None,
+    tls: str | TLSMode = TLSMode.REQUIRED,
+    tls_hostname: str | None = None,
+    ca_file: str | None = None,
+    fingerprint: str | None = None,
+    credentials: Credentials | None = None,
+    ehlo_name: str | None = None,
+    timeouts: Timeouts | None = None,
+    allow_plaintext_auth: bool = False,
+    trust_root: object | None = None,
+    transcript: Transcript | None = None,
+) -> Deferred[SendResult]:
+    """Send one message; fires with a SendResult or fails with an SMTPError.
+
+    Everything is validated before a connection is opened. Works with
+    ``await`` inside a coroutine run by ``ensureDeferred``.
+    """
+
+    async def run() -> SendResult:
+        upstream = Upstream(
+            host=host,
+            port=port,
+            endpoint=endpoint,
+            tls=TLSPolicy(
+                mode=TLSMode.parse(tls),
+                hostname=tls_hostname,
+                ca_file=ca_file,
+                fingerprint=fingerprint,
+            ),
+            credentials=credentials,
+            ehlo_name=ehlo_name,
+            timeouts=timeouts or Timeouts(),
+            allow_plaintext_auth=allow_plaintext_auth,
+        )
+        envelope = Envelope(sender, tuple(recipients))
+        return await deliver(
+            reactor,
+            upstream,
+            envelope,
+            message,
+            trust_root=trust_root,
+            transcript=transcript,
+        )
+
+    return ensureDeferred(run())
