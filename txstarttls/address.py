@@ -72,7 +72,7 @@ def _char_name(char: str) -> str:
 
 
 def _refuse(address: str, reason: str) -> InvalidAddress:
-    return InvalidAddress(f"Invalid address {_show(address)}: {reason}")
+    return InvalidAddress(f"invalid address {_show(address)}: {reason}")
 
 
 def validate_address(address: str, *, allow_null: bool = False) -> str:
@@ -85,7 +85,7 @@ def validate_address(address: str, *, allow_null: bool = False) -> str:
         if allow_null:
             return address
         raise InvalidAddress(
-            "Invalid address: empty (the null sender is not allowed here)"
+            "invalid address: empty (the null sender is not allowed here)"
         )
     if not address.isprintable():
         # Catches CR/LF/NUL command injection and lone surrogates alike.
@@ -174,12 +174,12 @@ def format_path(address: str) -> bytes:
 def validate_parameter(keyword: str, value: str | None = None) -> str:
     """Return ``KEYWORD=value`` (or ``KEYWORD``) for MAIL/RCPT parameters."""
     if _KEYWORD.fullmatch(keyword) is None:
-        raise InvalidArgument(f"Invalid ESMTP parameter keyword {_show(keyword)}")
+        raise InvalidArgument(f"invalid ESMTP parameter keyword {_show(keyword)}")
     if value is None:
         return keyword
     if _PARAM_VALUE.fullmatch(value) is None:
         raise InvalidArgument(
-            f"Invalid value {_show(value)} for ESMTP parameter {keyword}: "
+            f"invalid value {_show(value)} for ESMTP parameter {keyword}: "
             "only printable ASCII without space or '=' (xtext-encode it)"
         )
     return f"{keyword}={value}"
@@ -192,19 +192,19 @@ def validate_hostname_argument(name: str) -> str:
     SMTPUTF8, so an internationalised name must be sent as A-labels (xn--).
     """
     if not name:
-        raise InvalidArgument("Invalid EHLO/HELO name: empty")
+        raise InvalidArgument("invalid EHLO/HELO name: empty")
     if not name.isascii() or not name.isprintable():
         raise InvalidArgument(
-            f"Invalid EHLO/HELO name {_show(name)}: "
+            f"invalid EHLO/HELO name {_show(name)}: "
             "only printable ASCII (use the xn-- form for IDN)"
         )
     if len(name) > MAX_DOMAIN:
         raise InvalidArgument(
-            f"Invalid EHLO/HELO name {_show(name)}: over {MAX_DOMAIN} octets"
+            f"invalid EHLO/HELO name {_show(name)}: over {MAX_DOMAIN} octets"
         )
     reason = _domain_error(name, ascii_only=True)
     if reason:
-        raise InvalidArgument(f"Invalid EHLO/HELO name {_show(name)}: {reason}")
+        raise InvalidArgument(f"invalid EHLO/HELO name {_show(name)}: {reason}")
     return name
 
 
@@ -217,7 +217,7 @@ def validate_text_argument(value: str, what: str) -> str:
     match = _TEXT_FORBIDDEN.search(value)
     if match is not None:
         raise InvalidArgument(
-            f"Invalid {what}: character {_char_name(match.group())} "
+            f"invalid {what}: character {_char_name(match.group())} "
             f"at position {match.start()} is not allowed"
         )
     return value

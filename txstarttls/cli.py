@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
@@ -44,8 +46,8 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+        """One line, exit 64: the full usage is one --help away."""
+        self.exit(EX_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument(
         "-v", "--verbose", action="store_true", help="print the transcript"
+    )
+    demo = commands.add_parser(
+        "demo",
+        help="send a message through a built-in local STARTTLS + AUTH server",
+        description=(
+            "Start a throwaway ESMTP server on 127.0.0.1 with STARTTLS (a "
+            "certificate from a CA made for this run) and AUTH, then send one "
+            "message through it exactly as 'send' would: verified TLS, AUTH "
+            "PLAIN, per-recipient results."
+        ),
+    )
+    demo.add_argument("--from", dest="sender", default="cron@legacy.example")
+    demo.add_argument("--to", dest="recipients", action="append", metavar="ADDR")
+    demo.add_argument(
+        "-q", "--quiet", action="store_true", help="do not print the transcript"
     )
     return parser
 
@@ -150,7 +167,10 @@ def build_upstream(reactor: object, options: argparse.Namespace) -> Upstream:
                 options.username, token=lambda: token_command(reactor, command)
             )
         elif password is not None:
-            credentials = Credentials(options.username, password=password)
+            try:
+                credentials = Credentials(options.username, password=password)
+            except InvalidArgument as error:
+                raise ConfigurationError(str(error)) from None
         else:
             raise UsageError(
                 "--username needs --password-file, --password-env "
@@ -228,7 +248,6 @@ async def run_send(
 ) -> int:
     try:
         upstream = build_upstream(reactor, options)
-        envelope = Envelope(options.sender, tuple(options.recipients))
         message = _read_message(options.message)
     except UsageError as error:
         stderr.write(f"txstarttls: {error}\n")
@@ -236,19 +255,34 @@ async def run_send(
     except SMTPError as error:
         stderr.write(f"txstarttls: {error}\n")
         return exit_status_for_error(error)
-    transcript = _transcript_printer(stderr) if options.verbose else None
+    return await _send(reactor, upstream, options, message, stdout, stderr)
+
+
+async def _send(
+    reactor: IReactorTime,
+    upstream: Upstream,
+    options: argparse.Namespace,
+    message: bytes,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> int:
+    try:
+        envelope = Envelope(options.sender, tuple(options.recipients))
+    except SMTPError as error:
+        stderr.write(f"txstarttls: {error}\n")
+        return exit_status_for_error(error)
+    transcript = (
+        _transcript_printer(getattr(options, "transcript_stream", stderr))
+        if options.verbose
+        else None
+    )
     try:
         result = await deliver(
-            reactor,
-            upstream,
-            envelope,
-            message,
-            transcript=transcript,
+            reactor, upstream, envelope, message, transcript=transcript
         )
     except SMTPError as error:
         stderr.write(f"txstarttls: {error}\n")
-        recipients = getattr(error, "recipients", ())
-        for refused in recipients:
+        for refused in getattr(error, "recipients", ()):
             stdout.write(
                 f"to=<{refused.recipient}>, dsn={refused.dsn}, "
                 f"status={refused.status} ({refused.reply})\n"
@@ -268,13 +302,71 @@ def _read_message(path: str | None) -> bytes:
         raise UsageError(f"cannot read message file {path}: {error.strerror}") from None
 
 
+DEMO_MESSAGE = (
+    b"From: Legacy Cron <cron@legacy.example>\r\n"
+    b"To: Admin <admin@example.net>\r\n"
+    b"Subject: txstarttls demo\r\n"
+    b"\r\n"
+    b"This message went over verified STARTTLS with AUTH.\r\n"
+    b".A line starting with a dot survives dot-stuffing.\r\n"
+)
+
+
+async def run_demo(
+    reactor: IReactorTime, options: argparse.Namespace, stdout: TextIO, stderr: TextIO
+) -> int:
+    """Start a local test upstream, send through it, show what happened."""
+    from txstarttls.testing import TestMailServer
+
+    password = secrets.token_urlsafe(12)
+    server = TestMailServer(users={"demo": password})
+    running = await server.start(reactor)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="txstarttls-demo-") as directory:
+        ca_file = server.ca_file(Path(directory) / "ca.pem")
+        stdout.write(
+            f"local test server on 127.0.0.1:{running.port} "
+            f"(STARTTLS as {server.hostname}, CA {ca_file})\n"
+        )
+        upstream = Upstream(
+            host="127.0.0.1",
+            port=running.port,
+            tls=TLSPolicy(hostname=server.hostname, ca_file=str(ca_file)),
+            credentials=Credentials("demo", password=password),
+            ehlo_name="client.legacy.example",
+        )
+        send_options = argparse.Namespace(
+            sender=options.sender,
+            recipients=options.recipients or ["admin@example.net"],
+            verbose=not options.quiet,
+            transcript_stream=stdout,
+        )
+        try:
+            status = await _send(
+                reactor, upstream, send_options, DEMO_MESSAGE, stdout, stderr
+            )
+        finally:
+            await running.stop()
+    for message in server.messages:
+        stdout.write(
+            f"TLS {message.tls_version}, server certificate verified for "
+            f"{server.hostname} against the demo CA\n"
+        )
+        stdout.write(
+            f"server received {len(message.data)} octets for "
+            f"{', '.join(message.recipients)} over {message.tls_version} "
+            f"as {message.authenticated_as!r}\n"
+        )
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console entry point: the only place that uses the global reactor."""
     options = build_parser().parse_args(argv)
     from twisted.internet.task import react
 
     async def run(reactor: IReactorTime) -> None:
-        status = await run_send(reactor, options, sys.stdout, sys.stderr)
+        command = run_demo if options.command == "demo" else run_send
+        status = await command(reactor, options, sys.stdout, sys.stderr)
         if status != EX_OK:
             raise SystemExit(status)
 
