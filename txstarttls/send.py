@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTime
 
-from txstarttls.client import ESMTPClient, Timeouts, Transcript
-from txstarttls.errors import ConnectionFailed, Phase
+from txstarttls.client import Timeouts, Transcript
 from txstarttls.sasl import Credentials
 from txstarttls.session import Envelope, PreparedMessage, SendResult, run_session
 from txstarttls.tls import TLSMode, TLSPolicy
-from txstarttls.upstream import Upstream, client_endpoint, prepare_tls
+from txstarttls.upstream import Upstream, connect_client, prepare_tls
 
 
 async def deliver(
@@ -31,21 +29,7 @@ async def deliver(
     """
     prepared = PreparedMessage.from_bytes(message)
     tls = prepare_tls(upstream, trust_root)
-    client = ESMTPClient(
-        reactor,
-        timeouts=upstream.timeouts,
-        implicit_tls=tls if upstream.tls.mode is TLSMode.IMPLICIT else None,
-        transcript=transcript,
-    )
-    try:
-        await connectProtocol(  # type: ignore[no-untyped-call]
-            client_endpoint(reactor, upstream, tls), client
-        )
-    except Exception as error:
-        raise ConnectionFailed(
-            f"cannot connect to {upstream.host or upstream.endpoint}: {error}",
-            phase=Phase.CONNECT,
-        ) from None
+    client = await connect_client(reactor, upstream, tls, transcript=transcript)
     return await run_session(client, upstream, tls, envelope, prepared)
 
 

@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from txstarttls.address import (
@@ -126,23 +127,23 @@ def reply_error(reply: Reply, phase: Phase, *, trusted: bool) -> SMTPError:
 
 
 class Session:
-    """Drives one connected ESMTPClient through one message."""
+    """Drives one connected ESMTPClient: open once, then one or more messages."""
 
     def __init__(
-        self,
-        client: ESMTPClient,
-        upstream: Upstream,
-        tls: ClientTLS | None,
-        *,
-        ehlo_name: str,
-        plaintext_auth_ok: bool,
+        self, client: ESMTPClient, upstream: Upstream, tls: ClientTLS | None
     ) -> None:
         self.client = client
         self.upstream = upstream
         self.policy = upstream.tls
         self.tls = tls
-        self.ehlo_name = ehlo_name
-        self.plaintext_auth_ok = plaintext_auth_ok
+        self.ehlo_name = upstream.ehlo_name or _default_ehlo_name()
+        self.plaintext_auth_ok = upstream.allow_plaintext_auth and _is_local_peer(
+            client
+        )
+        client.allow_plaintext_auth = self.plaintext_auth_ok
+        self.relay = _describe_peer(client, upstream)
+        self.messages_sent = 0
+        self._needs_reset = False
 
     @property
     def trusted(self) -> bool:
@@ -333,6 +334,37 @@ class Session:
         if data is not None and data.code == 354:
             await self.client.send_body(b".\r\n")
 
+    async def send(self, envelope: Envelope, message: PreparedMessage) -> SendResult:
+        """One transaction on the open session; RSET first if the last one failed."""
+        if self._needs_reset:
+            self.check(await self.client.rset(), Phase.RSET)
+            self._needs_reset = False
+        try:
+            results, final = await self.transaction(
+                envelope, message.body, eight_bit=message.eight_bit
+            )
+        except SMTPError:
+            self._needs_reset = True
+            raise
+        self.messages_sent += 1
+        for recipient in results:
+            _log.info(
+                "to=<{to}>, relay={relay}, dsn={dsn}, status={status} ({reply})",
+                to=recipient.recipient,
+                relay=self.relay,
+                dsn=recipient.dsn,
+                status=recipient.status,
+                reply=str(recipient.reply),
+            )
+        return SendResult(
+            recipients=results, reply=final, tls=self.client.tls, relay=self.relay
+        )
+
+    @property
+    def usable(self) -> bool:
+        """Still connected with no failure: another message may follow."""
+        return self.client.failure is None and self.client.transport is not None
+
     def close(self) -> None:
         """QUIT when the connection is still usable, then hang up.
 
@@ -386,6 +418,20 @@ class PreparedMessage:
         return cls(body=encode_body(message), eight_bit=not message.isascii())
 
 
+def start_deadline(client: ESMTPClient, seconds: float | None) -> IDelayedCall | None:
+    """Abort the client if the work at hand takes longer than ``seconds``."""
+    if seconds is None:
+        return None
+    return client.clock.callLater(
+        seconds, client.abort, Timeout(f"gave up after {seconds:g} s overall")
+    )
+
+
+def cancel_deadline(deadline: IDelayedCall | None) -> None:
+    if deadline is not None and deadline.active():
+        deadline.cancel()
+
+
 async def run_session(
     client: ESMTPClient,
     upstream: Upstream,
@@ -397,39 +443,11 @@ async def run_session(
 
     Raises a typed SMTPError on failure; logs one line per recipient.
     """
-    plaintext_auth_ok = upstream.allow_plaintext_auth and _is_local_peer(client)
-    client.allow_plaintext_auth = plaintext_auth_ok
-    overall = None
-    if upstream.timeouts.overall is not None:
-        overall = client.clock.callLater(
-            upstream.timeouts.overall,
-            client.abort,
-            Timeout(f"whole session took over {upstream.timeouts.overall:g} s"),
-        )
-    session = Session(
-        client,
-        upstream,
-        tls,
-        ehlo_name=upstream.ehlo_name or _default_ehlo_name(),
-        plaintext_auth_ok=plaintext_auth_ok,
-    )
+    session = Session(client, upstream, tls)
+    deadline = start_deadline(client, upstream.timeouts.overall)
     try:
         await session.open()
-        results, final = await session.transaction(
-            envelope, message.body, eight_bit=message.eight_bit
-        )
+        return await session.send(envelope, message)
     finally:
-        if overall is not None and overall.active():
-            overall.cancel()
-        relay = _describe_peer(client, upstream)
+        cancel_deadline(deadline)
         session.close()
-    for recipient in results:
-        _log.info(
-            "to=<{to}>, relay={relay}, dsn={dsn}, status={status} ({reply})",
-            to=recipient.recipient,
-            relay=relay,
-            dsn=recipient.dsn,
-            status=recipient.status,
-            reply=str(recipient.reply),
-        )
-    return SendResult(recipients=results, reply=final, tls=client.tls, relay=relay)

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    clientFromString,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from txstarttls.address import validate_hostname_argument
-from txstarttls.client import Timeouts
-from txstarttls.errors import ConfigurationError
+from txstarttls.client import ESMTPClient, Timeouts, Transcript
+from txstarttls.errors import ConfigurationError, ConnectionFailed, Phase
 from txstarttls.sasl import Credentials
 from txstarttls.tls import ClientTLS, TLSMode, TLSPolicy, client_tls
 
@@ -109,3 +114,29 @@ def client_endpoint(
         assert tls is not None
         endpoint = wrapClientTLS(tls.creator, endpoint)
     return endpoint
+
+
+async def connect_client(
+    reactor: IReactorTime,
+    upstream: Upstream,
+    tls: ClientTLS | None,
+    *,
+    transcript: Transcript | None = None,
+) -> ESMTPClient:
+    """Open the connection; the dialogue is the session's business."""
+    client = ESMTPClient(
+        reactor,
+        timeouts=upstream.timeouts,
+        implicit_tls=tls if upstream.tls.mode is TLSMode.IMPLICIT else None,
+        transcript=transcript,
+    )
+    try:
+        await connectProtocol(  # type: ignore[no-untyped-call]
+            client_endpoint(reactor, upstream, tls), client
+        )
+    except Exception as error:
+        raise ConnectionFailed(
+            f"cannot connect to {upstream.host or upstream.endpoint}: {error}",
+            phase=Phase.CONNECT,
+        ) from None
+    return client
