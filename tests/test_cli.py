@@ -32,7 +32,7 @@ async def run_cli(
             f"import os, sys; os.dup2(os.open({str(stdin)!r}, os.O_RDONLY), 0); "
             f"os.execv(sys.executable, [sys.executable, *{argv!r}])",
         ]
-    out, err, code = await getProcessOutputAndValue(  # type: ignore[no-untyped-call]
+    out, err, code = await getProcessOutputAndValue(
         sys.executable, argv, env={**os.environ, **(env or {})}, reactor=reactor
     )
     return code, out.decode(), err.decode()

@@ -54,7 +54,7 @@ class ClientTests(SynchronousTestCase):
         self.client.dataReceived(data)
 
     def sent(self) -> bytes:
-        value = self.transport.value()
+        value: bytes = self.transport.value()
         self.transport.clear()
         return value
 

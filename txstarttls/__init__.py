@@ -29,12 +29,12 @@ from txstarttls.errors import (
     TransientError,
     TransientReplyError,
 )
+from txstarttls.message import PreparedMessage, prepare
 from txstarttls.reply import Capabilities, Reply
 from txstarttls.sasl import Credentials
 from txstarttls.send import deliver, send
 from txstarttls.session import (
     Envelope,
-    PreparedMessage,
     RecipientResult,
     SendResult,
     run_session,
@@ -85,6 +85,7 @@ __all__ = [
     "__version__",
     "client_tls",
     "deliver",
+    "prepare",
     "run_session",
     "send",
 ]

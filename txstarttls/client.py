@@ -20,17 +20,19 @@ from __future__ import annotations
 import base64
 import binascii
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
     IAddress,
+    IConsumer,
     IDelayedCall,
     IHandshakeListener,
+    IPushProducer,
     IReactorTime,
 )
 from twisted.internet.protocol import ClientFactory, connectionDone
@@ -51,6 +53,7 @@ from txstarttls.errors import (
     ConnectionLost,
     ExtensionRequired,
     InvalidArgument,
+    LocalError,
     OutcomeUnknown,
     Phase,
     ProtocolViolation,
@@ -61,6 +64,7 @@ from txstarttls.errors import (
     TLSRequired,
     TransientReplyError,
 )
+from txstarttls.message import PreparedMessage
 from txstarttls.reply import (
     MAX_LINE_LENGTH,
     Capabilities,
@@ -75,6 +79,7 @@ Transcript = Callable[[str, bytes], None]
 """Receives ("C", line) and ("S", line) for every line, AUTH data redacted."""
 
 _REDACTED = b"<redacted>"
+_BODY_SHOWN = b"<message body>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,14 +403,46 @@ class ESMTPClient(LineReceiver):
         """DATA; a 354 means the caller may now send the encoded body."""
         return self._command(b"DATA", Phase.DATA)
 
-    def send_body(self, encoded: bytes) -> Deferred[Reply]:
-        """Write an encoded (dot-stuffed, terminated) body; fire with its reply.
+    def send_body(self, message: PreparedMessage | bytes) -> Deferred[Reply]:
+        """Send an encoded (dot-stuffed, terminated) body; fire with its reply.
 
-        Only a 2xx to this reply means the message was delivered.
+        Only a 2xx to this reply means the message was delivered. A body that
+        is not held in memory is streamed with transport back-pressure.
         """
-        if not encoded.endswith(b"\r\n.\r\n") and encoded != b".\r\n":
-            return fail(InvalidArgument("body is not encoded: use data.encode_body"))
-        return self._send(encoded, Phase.END_OF_DATA, shown=b"<message body>")
+        if isinstance(message, bytes):
+            if not message.endswith(b"\r\n.\r\n") and message != b".\r\n":
+                return fail(InvalidArgument("body is not encoded: use message.prepare"))
+            return self._send(message, Phase.END_OF_DATA, shown=_BODY_SHOWN)
+        if message.in_memory is not None:
+            return self._send(message.in_memory, Phase.END_OF_DATA, shown=_BODY_SHOWN)
+        return self._stream(message)
+
+    def _stream(self, message: PreparedMessage) -> Deferred[Reply]:
+        if self._failure is not None:
+            return fail(self._failure)
+        if self.transport is None:
+            return fail(ConnectionLost("not connected", phase=Phase.DATA))
+        # Until the terminator is out, a failure cannot have delivered
+        # anything: the phase is DATA, and each block gets its own timeout.
+        waiter = self._expect(Phase.DATA, timeout=self.timeouts.data_block)
+        self._record("C", _BODY_SHOWN)
+        _BodyStreamer(self, self._waiters[-1], message.chunks()).start()
+        return waiter
+
+    def _block_sent(self, waiter: _Waiter) -> None:
+        """A block of the body went out: its timeout starts again."""
+        waiter.timer.cancel()
+        waiter.timer = self.clock.callLater(
+            self.timeouts.data_block, self._timed_out, Phase.DATA
+        )
+
+    def _body_finished(self, waiter: _Waiter) -> None:
+        """The terminator is out: from now on a loss means outcome unknown."""
+        waiter.timer.cancel()
+        waiter.phase = Phase.END_OF_DATA
+        waiter.timer = self.clock.callLater(
+            self.timeouts.end_of_data, self._timed_out, Phase.END_OF_DATA
+        )
 
     def rset(self) -> Deferred[Reply]:
         return self._command(b"RSET", Phase.RSET)
@@ -468,9 +505,11 @@ class ESMTPClient(LineReceiver):
         self.transport.write(data)
         return waiter
 
-    def _expect(self, phase: Phase) -> Deferred[Reply]:
+    def _expect(self, phase: Phase, *, timeout: float | None = None) -> Deferred[Reply]:
         timer = self.clock.callLater(
-            self.timeouts.for_phase(phase), self._timed_out, phase
+            self.timeouts.for_phase(phase) if timeout is None else timeout,
+            self._timed_out,
+            phase,
         )
         waiter = _Waiter(phase, timer)
         self._waiters.append(waiter)
@@ -582,3 +621,63 @@ class ESMTPClientFactory(ClientFactory):
         client.factory = self
         self.protocol_instance = client
         return client
+
+
+@implementer(IPushProducer)
+class _BodyStreamer:
+    """Writes a body chunk by chunk while the transport keeps up."""
+
+    def __init__(
+        self, client: ESMTPClient, waiter: _Waiter, chunks: Iterator[bytes]
+    ) -> None:
+        self._client = client
+        self._waiter = waiter
+        self._chunks = chunks
+        self._paused = False
+        self._done = False
+
+    def start(self) -> None:
+        self._consumer().registerProducer(self, True)
+        self._pump()
+
+    def _consumer(self) -> IConsumer:
+        return cast(IConsumer, self._client.transport)
+
+    def _pump(self) -> None:
+        transport = self._consumer()
+        while not self._paused and not self._done:
+            if transport is None or self._client.failure is not None:
+                self.stopProducing()
+                return
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                self._done = True
+                transport.unregisterProducer()
+                self._client._body_finished(self._waiter)
+                return
+            except (SMTPError, OSError) as error:
+                self.stopProducing()
+                transport.unregisterProducer()
+                # Never send the terminator of a body we could not finish.
+                self._client.abort(
+                    error
+                    if isinstance(error, SMTPError)
+                    else LocalError(f"cannot read the message: {error}")
+                )
+                return
+            transport.write(chunk)
+            self._client._block_sent(self._waiter)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._done = True
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()

@@ -19,9 +19,9 @@ from twisted.logger import Logger
 
 from txstarttls.client import Transcript
 from txstarttls.errors import ConnectionFailed, ConnectionLost, Phase
+from txstarttls.message import MessageInput, PreparedMessage, prepare
 from txstarttls.session import (
     Envelope,
-    PreparedMessage,
     SendResult,
     Session,
     cancel_deadline,
@@ -101,14 +101,10 @@ class ConnectionPool:
         return self._open
 
     async def deliver(
-        self, envelope: Envelope, message: bytes | PreparedMessage
+        self, envelope: Envelope, message: MessageInput | PreparedMessage
     ) -> SendResult:
         """Deliver one message over a pooled session; raise a typed SMTPError."""
-        prepared = (
-            message
-            if isinstance(message, PreparedMessage)
-            else PreparedMessage.from_bytes(message)
-        )
+        prepared = prepare(message)
         pooled, reused = await self._acquire()
         try:
             return await self._send(pooled, envelope, prepared)

@@ -8,8 +8,9 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 
 from txstarttls.client import Timeouts, Transcript
+from txstarttls.message import MessageInput, PreparedMessage, prepare
 from txstarttls.sasl import Credentials
-from txstarttls.session import Envelope, PreparedMessage, SendResult, run_session
+from txstarttls.session import Envelope, SendResult, run_session
 from txstarttls.tls import TLSMode, TLSPolicy
 from txstarttls.upstream import Upstream, connect_client, prepare_tls
 
@@ -18,7 +19,7 @@ async def deliver(
     reactor: IReactorTime,
     upstream: Upstream,
     envelope: Envelope,
-    message: bytes,
+    message: MessageInput | PreparedMessage,
     *,
     trust_root: object | None = None,
     transcript: Transcript | None = None,
@@ -27,7 +28,7 @@ async def deliver(
 
     The message is encoded (and refused if invalid) before connecting.
     """
-    prepared = PreparedMessage.from_bytes(message)
+    prepared = prepare(message)
     tls = prepare_tls(upstream, trust_root)
     client = await connect_client(reactor, upstream, tls, transcript=transcript)
     return await run_session(client, upstream, tls, envelope, prepared)
@@ -38,7 +39,7 @@ def send(
     *,
     sender: str,
     recipients: Sequence[str],
-    message: bytes,
+    message: MessageInput | PreparedMessage,
     host: str | None = None,
     port: int | None = None,
     endpoint: str | None = None,

@@ -12,18 +12,21 @@ from __future__ import annotations
 import inspect
 import socket
 from dataclasses import dataclass
+from typing import cast
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txstarttls.address import (
     needs_smtputf8,
     validate_address,
     validate_hostname_argument,
+    validate_parameter,
 )
 from txstarttls.client import ESMTPClient
-from txstarttls.data import encode_body
 from txstarttls.errors import (
     AuthenticationFailed,
     ExtensionRequired,
@@ -37,12 +40,15 @@ from txstarttls.errors import (
     TLSRequired,
     TransientReplyError,
 )
+from txstarttls.message import PreparedMessage as PreparedMessage
 from txstarttls.reply import Reply
 from txstarttls.sasl import Credentials, choose_mechanism
 from txstarttls.tls import ClientTLS, TLSInfo, TLSMode
 from txstarttls.upstream import Upstream
 
 _log = Logger()
+
+EMPTY_BODY = PreparedMessage.from_bytes(b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +106,9 @@ class Envelope:
             raise InvalidArgument("at least one recipient is needed")
         for recipient in self.recipients:
             validate_address(recipient)
+        for parameter in self.mail_parameters:
+            keyword, equals, value = parameter.partition("=")
+            validate_parameter(keyword, value if equals else None)
 
     @property
     def needs_smtputf8(self) -> bool:
@@ -241,19 +250,19 @@ class Session:
         raise reply_error(reply, Phase.AUTH, trusted=self.trusted)
 
     def mail_parameters(
-        self, envelope: Envelope, body: bytes, eight_bit: bool
+        self, envelope: Envelope, message: PreparedMessage
     ) -> list[str]:
         capabilities = self.client.capabilities
         parameters = list(envelope.mail_parameters)
         if capabilities.has("SIZE"):
             limit = capabilities.size
-            if limit is not None and len(body) > limit:
+            if limit is not None and message.size > limit:
                 raise MessageTooLarge(
-                    f"message of {len(body)} octets exceeds the server's "
+                    f"message of {message.size} octets exceeds the server's "
                     f"limit of {limit}"
                 )
-            parameters.append(f"SIZE={len(body)}")
-        if eight_bit:
+            parameters.append(f"SIZE={message.size}")
+        if message.eight_bit:
             if not capabilities.eightbitmime:
                 raise ExtensionRequired(
                     "message has 8-bit data and the server does not offer 8BITMIME"
@@ -268,22 +277,31 @@ class Session:
         return parameters
 
     async def transaction(
-        self, envelope: Envelope, body: bytes, *, eight_bit: bool
+        self, envelope: Envelope, message: PreparedMessage
     ) -> tuple[tuple[RecipientResult, ...], Reply]:
         """MAIL, RCPT..., DATA, body: per-recipient results and the final reply.
 
-        ``body`` is already encoded. With PIPELINING, MAIL, every RCPT and
+        With PIPELINING, MAIL, every RCPT and
         DATA go out together and their replies are paired in order.
         """
         client = self.client
-        parameters = self.mail_parameters(envelope, body, eight_bit)
+        parameters = self.mail_parameters(envelope, message)
         if client.capabilities.pipelining:
-            mail_d = client.mail(envelope.sender, parameters)
-            rcpt_ds = [client.rcpt(r) for r in envelope.recipients]
-            data_d = client.data()
-            mail = await mail_d
-            rcpt_replies = [await d for d in rcpt_ds]
-            data = await data_d
+            pipelined = [
+                client.mail(envelope.sender, parameters),
+                *(client.rcpt(r) for r in envelope.recipients),
+                client.data(),
+            ]
+            # Every reply is in before any is judged: a connection lost half
+            # way (after a 421, say) leaves no failed Deferred unhandled, and
+            # the server's own reply to MAIL is the error reported.
+            outcomes = await DeferredList(pipelined, consumeErrors=True)
+            mail, *rcpt_replies, data = (value for _, value in outcomes)
+            failed = [cast(Failure, value) for ok, value in outcomes if not ok]
+            if failed:
+                if outcomes[0][0] and not mail.is_success:
+                    raise reply_error(mail, Phase.MAIL, trusted=self.trusted)
+                failed[0].raiseException()
         else:
             mail = await client.mail(envelope.sender, parameters)
             if not mail.is_success:
@@ -315,7 +333,7 @@ class Session:
             data = await client.data()
         if data.code != 354:
             raise reply_error(data, Phase.DATA, trusted=self.trusted)
-        final = await client.send_body(body)
+        final = await client.send_body(message)
         self.check(final, Phase.END_OF_DATA)
         results = tuple(
             RecipientResult(
@@ -332,7 +350,7 @@ class Session:
     async def _end_unwanted_data(self, data: Reply | None) -> None:
         """RFC 2920 3.1: a 354 that should not have come gets an empty body."""
         if data is not None and data.code == 354:
-            await self.client.send_body(b".\r\n")
+            await self.client.send_body(EMPTY_BODY)
 
     async def send(self, envelope: Envelope, message: PreparedMessage) -> SendResult:
         """One transaction on the open session; RSET first if the last one failed."""
@@ -340,9 +358,7 @@ class Session:
             self.check(await self.client.rset(), Phase.RSET)
             self._needs_reset = False
         try:
-            results, final = await self.transaction(
-                envelope, message.body, eight_bit=message.eight_bit
-            )
+            results, final = await self.transaction(envelope, message)
         except SMTPError:
             self._needs_reset = True
             raise
@@ -404,18 +420,6 @@ def _is_local_peer(client: ESMTPClient) -> bool:
     if isinstance(peer, IPv6Address):
         return peer.host == "::1"
     return False
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedMessage:
-    """A message encoded for the wire, checked before any connection."""
-
-    body: bytes
-    eight_bit: bool
-
-    @classmethod
-    def from_bytes(cls, message: bytes) -> PreparedMessage:
-        return cls(body=encode_body(message), eight_bit=not message.isascii())
 
 
 def start_deadline(client: ESMTPClient, seconds: float | None) -> IDelayedCall | None:
