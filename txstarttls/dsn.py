@@ -1,6 +1,8 @@
-"""Delivery status notifications (RFC 3464): the bounce and the delay warning.
+"""Delivery status notifications: what a sender asks for, and what we send.
 
-Pure code: it turns what the queue knows about a message into the bytes of
+``DSNRequest`` carries the RFC 3461 parameters (RET, ENVID, NOTIFY, ORCPT)
+from the submitting client to the next hop. ``build_report`` is RFC 3464:
+pure code that turns what the queue knows about a message into the bytes of
 a ``multipart/report`` addressed to the envelope sender. Every value that came
 from a peer is already sanitised by the reply parser; this module still keeps
 header values on one line, since a DSN header is a place where a hostile
@@ -16,9 +18,67 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
+from txstarttls.errors import InvalidArgument
+
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_HEADER_OCTETS = 64 * 1024
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 4: "+", "=" and octets outside 33-126 as +HH."""
+    return "".join(
+        f"+{octet:02X}"
+        if octet < 33 or octet > 126 or octet in (43, 61)
+        else chr(octet)
+        for octet in value.encode("utf-8")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DSNRequest:
+    """RFC 3461 parameters, passed on when the next hop offers DSN."""
+
+    ret: str | None = None
+    """``FULL`` or ``HDRS``: how much of the message a bounce returns."""
+    envid: str | None = None
+    notify: tuple[tuple[str, str], ...] = ()
+    """(recipient, ``NEVER`` or a comma list of SUCCESS, FAILURE, DELAY)."""
+    orcpt: tuple[tuple[str, str], ...] = ()
+    """(recipient, original recipient address)."""
+
+    def __post_init__(self) -> None:
+        if self.ret is not None and self.ret.upper() not in ("FULL", "HDRS"):
+            raise InvalidArgument(f"DSN RET must be FULL or HDRS, not {self.ret!r}")
+        for _, value in self.notify:
+            words = {word.strip().upper() for word in value.split(",")}
+            if words != {"NEVER"} and not words <= _NOTIFY_WORDS:
+                raise InvalidArgument(
+                    "DSN NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY,"
+                    f" not {value!r}"
+                )
+
+    def mail_parameters(self) -> list[str]:
+        parameters = []
+        if self.ret is not None:
+            parameters.append(f"RET={self.ret.upper()}")
+        if self.envid is not None:
+            parameters.append(f"ENVID={xtext(self.envid)}")
+        return parameters
+
+    def rcpt_parameters(self, recipient: str) -> list[str]:
+        parameters = [
+            f"NOTIFY={value.upper().replace(' ', '')}"
+            for address, value in self.notify
+            if address == recipient
+        ]
+        parameters += [
+            f"ORCPT=rfc822;{xtext(original)}"
+            for address, original in self.orcpt
+            if address == recipient
+        ]
+        return parameters
 
 
 @dataclass(frozen=True, slots=True)

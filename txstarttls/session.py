@@ -27,6 +27,7 @@ from txstarttls.address import (
     validate_parameter,
 )
 from txstarttls.client import ESMTPClient
+from txstarttls.dsn import DSNRequest
 from txstarttls.errors import (
     AuthenticationFailed,
     ExtensionRequired,
@@ -99,6 +100,8 @@ class Envelope:
     sender: str
     recipients: tuple[str, ...]
     mail_parameters: tuple[str, ...] = ()
+    dsn: DSNRequest | None = None
+    """Sent on only when the server offers DSN (RFC 3461)."""
 
     def __post_init__(self) -> None:
         validate_address(self.sender, allow_null=True)
@@ -274,7 +277,14 @@ class Session:
                     "an address needs SMTPUTF8, which the server does not offer"
                 )
             parameters.append("SMTPUTF8")
+        if envelope.dsn is not None and capabilities.dsn:
+            parameters += envelope.dsn.mail_parameters()
         return parameters
+
+    def rcpt_parameters(self, envelope: Envelope, recipient: str) -> list[str]:
+        if envelope.dsn is not None and self.client.capabilities.dsn:
+            return envelope.dsn.rcpt_parameters(recipient)
+        return []
 
     async def transaction(
         self, envelope: Envelope, message: PreparedMessage
@@ -289,7 +299,10 @@ class Session:
         if client.capabilities.pipelining:
             pipelined = [
                 client.mail(envelope.sender, parameters),
-                *(client.rcpt(r) for r in envelope.recipients),
+                *(
+                    client.rcpt(r, self.rcpt_parameters(envelope, r))
+                    for r in envelope.recipients
+                ),
                 client.data(),
             ]
             # Every reply is in before any is judged: a connection lost half
@@ -308,7 +321,11 @@ class Session:
                 raise reply_error(mail, Phase.MAIL, trusted=self.trusted)
             rcpt_replies = []
             for recipient in envelope.recipients:
-                rcpt_replies.append(await client.rcpt(recipient))
+                rcpt_replies.append(
+                    await client.rcpt(
+                        recipient, self.rcpt_parameters(envelope, recipient)
+                    )
+                )
             data = None
         accepted = [r.is_success for r in rcpt_replies]
         if not mail.is_success:
