@@ -222,7 +222,7 @@ def format_result_lines(result: SendResult) -> list[str]:
 
 def exit_status_for(result: SendResult) -> int:
     refused = result.refused
-    if any(r.reply.code >= 500 for r in refused):
+    if any(r.is_permanent for r in refused):
         return EX_UNAVAILABLE
     return EX_TEMPFAIL if refused else EX_OK
 

@@ -36,6 +36,23 @@ def xtext(value: str) -> str:
     )
 
 
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+
+
+def xtext_decode(value: str) -> str:
+    """Undo :func:`xtext` (as received in ENVID= or ORCPT=)."""
+    raw = _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+    return raw.encode("latin-1").decode("utf-8", errors="replace")
+
+
+def parse_orcpt(value: str) -> str | None:
+    """The address in an ORCPT value ``rfc822;xtext``; None for other types."""
+    kind, separator, encoded = value.partition(";")
+    if not separator or kind.strip().lower() != "rfc822":
+        return None
+    return xtext_decode(encoded)
+
+
 @dataclass(frozen=True, slots=True)
 class DSNRequest:
     """RFC 3461 parameters, passed on when the next hop offers DSN."""

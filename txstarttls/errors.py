@@ -56,6 +56,8 @@ class SMTPError(Exception):
         self.enhanced = enhanced
         self.text = text
         self.phase = phase
+        self.relay: str | None = None
+        """The peer (``name[address]:port``) once a connection existed."""
 
     @property
     def is_permanent(self) -> bool:

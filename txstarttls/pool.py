@@ -10,6 +10,7 @@ idle too long is closed and never reused.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass
 
@@ -105,9 +106,12 @@ class ConnectionPool:
     ) -> SendResult:
         """Deliver one message over a pooled session; raise a typed SMTPError."""
         prepared = prepare(message)
+        started = self._reactor.seconds()
         pooled, reused = await self._acquire()
+        setup = 0.0 if reused else self._reactor.seconds() - started
         try:
-            return await self._send(pooled, envelope, prepared)
+            result = await self._send(pooled, envelope, prepared)
+            return dataclasses.replace(result, setup_seconds=setup)
         except ConnectionLost as error:
             if not reused or error.phase not in _SAFE_TO_RETRY:
                 raise
@@ -117,7 +121,10 @@ class ConnectionPool:
             self._release(pooled)
         pooled, _ = await self._acquire(fresh=True)
         try:
-            return await self._send(pooled, envelope, prepared)
+            result = await self._send(pooled, envelope, prepared)
+            return dataclasses.replace(
+                result, setup_seconds=self._reactor.seconds() - started
+            )
         finally:
             self._release(pooled)
 

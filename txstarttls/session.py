@@ -60,13 +60,20 @@ class RecipientResult:
     reply: Reply
     """The reply to the final dot when delivered, else the reply to RCPT."""
     delivered: bool
+    trusted: bool = True
+    """False when the reply came before verified TLS: it proves nothing."""
+
+    @property
+    def is_permanent(self) -> bool:
+        """Refused for good: a trusted 5xx."""
+        return not self.delivered and self.trusted and self.reply.code >= 500
 
     @property
     def status(self) -> str:
         """Postfix's word for it: sent, deferred or bounced."""
         if self.delivered:
             return "sent"
-        return "deferred" if self.reply.code < 500 else "bounced"
+        return "bounced" if self.is_permanent else "deferred"
 
     @property
     def dsn(self) -> str:
@@ -83,6 +90,8 @@ class SendResult:
     tls: TLSInfo | None
     relay: str
     """The peer as Postfix logs it: ``name[address]:port``."""
+    setup_seconds: float = 0.0
+    """Connecting, TLS and AUTH for this message; 0 on a reused session."""
 
     @property
     def delivered(self) -> tuple[RecipientResult, ...]:
@@ -169,6 +178,13 @@ class Session:
 
     async def open(self) -> None:
         """Greeting, EHLO, STARTTLS, EHLO again, AUTH: ready for MAIL."""
+        try:
+            await self._open()
+        except SMTPError as error:
+            error.relay = error.relay or self.relay
+            raise
+
+    async def _open(self) -> None:
         self.check(await self.client.greeting(), Phase.GREETING)
         ehlo = await self.client.ehlo(self.ehlo_name)
         mode = self.policy.mode
@@ -334,12 +350,12 @@ class Session:
         if not any(accepted):
             await self._end_unwanted_data(data)
             refused = tuple(
-                RecipientResult(recipient, reply, delivered=False)
+                RecipientResult(recipient, reply, delivered=False, trusted=self.trusted)
                 for recipient, reply in zip(
                     envelope.recipients, rcpt_replies, strict=True
                 )
             )
-            transient = not self.trusted or all(r.reply.code < 500 for r in refused)
+            transient = not any(r.is_permanent for r in refused)
             raise RecipientsRefused(
                 "no recipient was accepted: "
                 + "; ".join(f"<{r.recipient}>: {r.reply}" for r in refused),
@@ -354,9 +370,7 @@ class Session:
         self.check(final, Phase.END_OF_DATA)
         results = tuple(
             RecipientResult(
-                recipient,
-                final if ok else reply,
-                delivered=ok,
+                recipient, final if ok else reply, delivered=ok, trusted=self.trusted
             )
             for recipient, reply, ok in zip(
                 envelope.recipients, rcpt_replies, accepted, strict=True
@@ -376,8 +390,9 @@ class Session:
             self._needs_reset = False
         try:
             results, final = await self.transaction(envelope, message)
-        except SMTPError:
+        except SMTPError as error:
             self._needs_reset = True
+            error.relay = error.relay or self.relay
             raise
         self.messages_sent += 1
         for recipient in results:
