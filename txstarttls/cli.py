@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.utils import getProcessOutputAndValue
 
 from txstarttls import __version__
 from txstarttls.client import Timeouts, Transcript
+from txstarttls.credentials import read_password_file, token_command
 from txstarttls.errors import (
     ConfigurationError,
     InvalidAddress,
@@ -116,14 +116,7 @@ def add_upstream_options(parser: argparse.ArgumentParser) -> None:
 
 def read_password(options: argparse.Namespace) -> str | None:
     if options.password_file:
-        try:
-            text = Path(options.password_file).read_text()
-        except OSError as error:
-            raise ConfigurationError(
-                f"cannot read password file {options.password_file}: {error.strerror}"
-            ) from None
-        # One trailing newline is how editors save files; it is not the password.
-        return text[:-1] if text.endswith("\n") else text
+        return read_password_file(options.password_file)
     if options.password_env:
         value = os.environ.get(options.password_env)
         if value is None:
@@ -132,27 +125,6 @@ def read_password(options: argparse.Namespace) -> str | None:
             )
         return str(value)
     return None
-
-
-def token_command(reactor: object, command: str) -> Deferred[str]:
-    """Run ``command`` through the shell; its standard output is the token."""
-
-    async def run() -> str:
-        output: tuple[bytes, bytes, int] = await getProcessOutputAndValue(  # type: ignore[no-untyped-call]
-            "/bin/sh", ["-c", command], env=dict(os.environ), reactor=reactor
-        )
-        out, err, code = output
-        if code != 0:
-            raise ConfigurationError(
-                f"token command exited with status {code}: "
-                f"{err.decode(errors='replace').strip()[:200]}"
-            )
-        token: str = out.decode().strip()
-        if not token:
-            raise ConfigurationError("token command printed nothing")
-        return token
-
-    return ensureDeferred(run())
 
 
 def build_upstream(reactor: object, options: argparse.Namespace) -> Upstream:
