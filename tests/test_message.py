@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -93,13 +95,18 @@ class StreamingTests(SynchronousTestCase):
         self.client.dataReceived(b"220 ready\r\n")
         self.transport.clear()
 
-    def message(self, tmp_path: Path, body: bytes) -> PreparedMessage:
-        path = tmp_path / "m.eml"
+    def directory(self) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="txstarttls-test-"))
+        self.addCleanup(shutil.rmtree, path)
+        return path
+
+    def message(self, directory: Path, body: bytes) -> PreparedMessage:
+        path = directory / "m.eml"
         path.write_bytes(body)
         return prepare(path)
 
     def test_body_is_written_only_as_fast_as_the_transport_takes_it(self) -> None:
-        message = self.message(Path(self.mktemp()).parent, BODY)
+        message = self.message(self.directory(), BODY)
         d = self.client.send_body(message)
         first = len(self.transport.value())
         assert 0 < first <= 2 * CHUNK_SIZE
@@ -116,7 +123,7 @@ class StreamingTests(SynchronousTestCase):
     def test_stalled_transport_times_out_per_data_block_not_outcome_unknown(
         self,
     ) -> None:
-        message = self.message(Path(self.mktemp()).parent, BODY)
+        message = self.message(self.directory(), BODY)
         d = self.client.send_body(message)
         self.clock.advance(11)
         failure = self.failureResultOf(d, Timeout)
@@ -125,7 +132,7 @@ class StreamingTests(SynchronousTestCase):
         assert not self.transport.value().endswith(b"\r\n.\r\n")
 
     def test_loss_after_the_terminator_is_outcome_unknown(self) -> None:
-        message = self.message(Path(self.mktemp()).parent, b"short\r\n" * 3)
+        message = self.message(self.directory(), b"short\r\n" * 3)
         d = self.client.send_body(message)
         while self.transport.producer is not None:
             self.transport.producer.resumeProducing()
@@ -133,7 +140,7 @@ class StreamingTests(SynchronousTestCase):
         self.failureResultOf(d, OutcomeUnknown)
 
     def test_file_that_grows_an_overlong_line_is_never_terminated(self) -> None:
-        directory = Path(self.mktemp()).parent
+        directory = self.directory()
         message = self.message(directory, b"fine\r\n")
         (directory / "m.eml").write_bytes(b"x" * 5000)
         d = self.client.send_body(message)
