@@ -152,6 +152,7 @@ class ESMTPClient(LineReceiver):
         self._waiters: deque[_Waiter] = deque()
         self._failure: SMTPError | None = None
         self._greeting: Deferred[Reply] | None = None
+        self._greeting_failure: Failure | None = None
         self._connected: Deferred[None] = Deferred()
         self._pending_tls: ClientTLS | None = implicit_tls
         self._pending_starttls: ClientTLS | None = None
@@ -179,6 +180,9 @@ class ESMTPClient(LineReceiver):
 
     def connectionMade(self) -> None:
         self._greeting = self._expect(Phase.GREETING)
+        # Handled here, so a failed greeting is never an "Unhandled error in
+        # Deferred"; greeting() gives each caller its own copy of the outcome.
+        self._greeting.addErrback(self._keep_greeting_failure)
         if self._implicit_tls is not None:
             self._start_handshake_timer()
 
@@ -310,15 +314,19 @@ class ESMTPClient(LineReceiver):
             return fail(ConnectionLost("not connected", phase=Phase.GREETING))
         result: Deferred[Reply] = Deferred()
 
-        def relay(value: Reply | Failure) -> Reply | Failure:
-            if isinstance(value, Failure):
-                result.errback(value)
+        def relay(value: Reply | None) -> Reply | None:
+            if self._greeting_failure is not None:
+                result.errback(self._greeting_failure)
             else:
+                assert value is not None
                 result.callback(value)
             return value
 
-        self._greeting.addBoth(relay)
+        self._greeting.addCallback(relay)
         return result
+
+    def _keep_greeting_failure(self, failure: Failure) -> None:
+        self._greeting_failure = failure
 
     def ehlo(self, name: str) -> Deferred[Reply]:
         """EHLO; on 250 the capabilities are replaced by what it lists."""
