@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
@@ -21,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from txstarttls import __version__
 from txstarttls.client import Timeouts, Transcript
 from txstarttls.credentials import read_password_file, token_command
+from txstarttls.demo import run_demo
 from txstarttls.errors import (
     ConfigurationError,
     InvalidAddress,
@@ -72,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo = commands.add_parser(
         "demo",
-        help="send a message through a built-in local STARTTLS + AUTH server",
+        help="run the relay with its built-in local upstream and send one message",
         description=(
-            "Start a throwaway ESMTP server on 127.0.0.1 with STARTTLS (a "
-            "certificate from a CA made for this run) and AUTH, then send one "
-            "message through it exactly as 'send' would: verified TLS, AUTH "
-            "PLAIN, per-recipient results."
+            "Start the relay as twistd starttls-relay would (queue in a temporary "
+            "directory, listener on 127.0.0.1, the built-in local upstream with "
+            "STARTTLS from a throwaway CA and AUTH), hand it one message and "
+            "print the Postfix-style log line of its delivery."
         ),
     )
     demo.add_argument("--from", dest="sender", default="cron@legacy.example")
@@ -274,71 +273,22 @@ def _read_message(path: str | None) -> bytes:
         raise UsageError(f"cannot read message file {path}: {error.strerror}") from None
 
 
-DEMO_MESSAGE = (
-    b"From: Legacy Cron <cron@legacy.example>\r\n"
-    b"To: Admin <admin@example.net>\r\n"
-    b"Subject: txstarttls demo\r\n"
-    b"\r\n"
-    b"This message went over verified STARTTLS with AUTH.\r\n"
-    b".A line starting with a dot survives dot-stuffing.\r\n"
-)
-
-
-async def run_demo(
-    reactor: IReactorTime, options: argparse.Namespace, stdout: TextIO, stderr: TextIO
-) -> int:
-    """Start a local test upstream, send through it, show what happened."""
-    from txstarttls.testing import TestMailServer
-
-    password = secrets.token_urlsafe(12)
-    server = TestMailServer(users={"demo": password})
-    running = await server.start(reactor)  # type: ignore[arg-type]
-    with tempfile.TemporaryDirectory(prefix="txstarttls-demo-") as directory:
-        ca_file = server.ca_file(Path(directory) / "ca.pem")
-        stdout.write(
-            f"local test server on 127.0.0.1:{running.port} "
-            f"(STARTTLS as {server.hostname}, CA {ca_file})\n"
-        )
-        upstream = Upstream(
-            host="127.0.0.1",
-            port=running.port,
-            tls=TLSPolicy(hostname=server.hostname, ca_file=str(ca_file)),
-            credentials=Credentials("demo", password=password),
-            ehlo_name="client.legacy.example",
-        )
-        send_options = argparse.Namespace(
-            sender=options.sender,
-            recipients=options.recipients or ["admin@example.net"],
-            verbose=not options.quiet,
-            transcript_stream=stdout,
-        )
-        try:
-            status = await _send(
-                reactor, upstream, send_options, DEMO_MESSAGE, stdout, stderr
-            )
-        finally:
-            await running.stop()
-    for message in server.messages:
-        stdout.write(
-            f"TLS {message.tls_version}, server certificate verified for "
-            f"{server.hostname} against the demo CA\n"
-        )
-        stdout.write(
-            f"server received {len(message.data)} octets for "
-            f"{', '.join(message.recipients)} over {message.tls_version} "
-            f"as {message.authenticated_as!r}\n"
-        )
-    return status
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console entry point: the only place that uses the global reactor."""
     options = build_parser().parse_args(argv)
     from twisted.internet.task import react
 
     async def run(reactor: IReactorTime) -> None:
-        command = run_demo if options.command == "demo" else run_send
-        status = await command(reactor, options, sys.stdout, sys.stderr)
+        if options.command == "demo":
+            status = await run_demo(
+                reactor,
+                options.sender,
+                options.recipients or ["admin@example.net"],
+                sys.stdout,
+                None if options.quiet else _transcript_printer(sys.stdout),
+            )
+        else:
+            status = await run_send(reactor, options, sys.stdout, sys.stderr)
         if status != EX_OK:
             raise SystemExit(status)
 

@@ -396,7 +396,7 @@ class Session:
             raise
         self.messages_sent += 1
         for recipient in results:
-            _log.info(
+            _log.debug(
                 "to=<{to}>, relay={relay}, dsn={dsn}, status={status} ({reply})",
                 to=recipient.recipient,
                 relay=self.relay,
@@ -438,8 +438,13 @@ def _describe_peer(client: ESMTPClient, upstream: Upstream) -> str:
     name = upstream.host or upstream.verify_name or "unknown"
     if isinstance(peer, IPv4Address | IPv6Address):
         return f"{name}[{peer.host}]:{peer.port}"
-    if isinstance(peer, UNIXAddress):
-        return f"{name}[{peer.name!r}]" if peer.name else name
+    if isinstance(peer, UNIXAddress) and peer.name:
+        path = (
+            peer.name.decode(errors="replace")
+            if isinstance(peer.name, bytes)
+            else peer.name
+        )
+        return f"{name}[{path}]"
     return name
 
 
