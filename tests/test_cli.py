@@ -328,9 +328,17 @@ async def test_missing_recipient_is_a_usage_error(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_demo_sends_through_the_built_in_server() -> None:
+async def test_demo_runs_the_relay_end_to_end_and_shows_the_delivery() -> None:
     code, out, err = await run_cli("demo")
     assert code == 0, err
-    assert "-> AUTH PLAIN <redacted>" in out
-    assert re.search(r"status=sent \(250 ", out)
-    assert "server received" in out
+    assert "-> MAIL FROM:<cron@legacy.example>" in out
+    assert "the relay answered: 250 2.0.0 Ok: queued as " in out
+    delivery = [line for line in out.splitlines() if "status=" in line]
+    assert len(delivery) == 1
+    assert re.fullmatch(
+        r"[0-9A-F]{18}: to=<admin@example\.net>, relay=mx\.test\.example\[.*\], "
+        r"delay=[\d.]+, delays=[\d.]+/[\d.]+/[\d.]+/[\d.]+, dsn=2\.0\.0, "
+        r"status=sent \(250 2\.0\.0 Ok: queued as \w+\)",
+        delivery[0],
+    )
+    assert "Traceback" not in err
