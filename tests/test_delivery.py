@@ -189,6 +189,21 @@ def test_accepted_recipient_is_never_sent_again() -> None:
     assert harness.store.entries == {}
 
 
+def test_deferred_message_is_retried_when_the_store_writes_asynchronously() -> None:
+    smarthost = FakeSmarthost(lambda env, _: TransientReplyError("451", code=451))
+    harness = Harness(smarthost)
+    harness.store = MemoryStore(harness.clock)
+    harness.runner.store = harness.store
+    queue_id = harness.queue("a@example.net")
+    harness.start()
+    harness.clock.advance(0)
+    assert len(smarthost.deliveries) == 1
+    assert harness.store.get(queue_id).attempts == 1
+    harness.clock.advance(300)
+    harness.clock.advance(0)
+    assert len(smarthost.deliveries) == 2
+
+
 def test_retry_schedule_is_postfix_like_with_jitter() -> None:
     policy = RetryPolicy()
     assert policy.next_attempt(0, 10, 0.5) == 10 + 300

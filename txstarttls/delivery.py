@@ -239,7 +239,7 @@ class QueueRunner(Service):
         self._draw = draw
         self._timers: dict[str, IDelayedCall] = {}
         self._ready: deque[tuple[str, float]] = deque()
-        self._active: dict[str, Deferred[None]] = {}
+        self._active: dict[str, Deferred[float | None]] = {}
         self._poller: LoopingCall | None = None
         self._stopping = False
 
@@ -335,14 +335,18 @@ class QueueRunner(Service):
             self._active[queue_id] = attempt
             attempt.addBoth(self._attempt_done, queue_id)
 
-    def _attempt_done(self, result: object, queue_id: str) -> None:
+    def _attempt_done(self, result: float | Failure | None, queue_id: str) -> None:
+        """The attempt is over: schedule the next one (if any), start others."""
+        self._active.pop(queue_id, None)
         if isinstance(result, Failure):
             # A bug, not a delivery failure: the entry stays as it was; say so
             # loudly and try again after the minimal backoff.
             _log.failure(
                 "{queue_id}: delivery attempt crashed", result, queue_id=queue_id
             )
-        self._active.pop(queue_id, None)
+            result = self.clock.seconds() + self.settings.retry.minimal_backoff
+        if result is not None:
+            self.schedule(queue_id, result)
         self._pump()
 
     async def _poll(self) -> None:
@@ -352,17 +356,18 @@ class QueueRunner(Service):
 
     # --- one attempt -----------------------------------------------------------
 
-    async def _attempt(self, queue_id: str, ready_at: float) -> None:
+    async def _attempt(self, queue_id: str, ready_at: float) -> float | None:
+        """Try once; the time of the next attempt, or None when it is done."""
         try:
             entry = self.store.get(queue_id)
         except MessageNotFound:
-            return  # deleted by an operator meanwhile
+            return None  # deleted by an operator meanwhile
         started = self.clock.seconds()
         if self.settings.retry.expired(entry.arrival_time, started):
             entry = self._expire(entry, started)
         else:
             entry = await self._deliver(entry, ready_at, started)
-        await self._conclude(entry)
+        return await self._conclude(entry)
 
     async def _deliver(
         self, entry: QueueEntry, ready_at: float, started: float
@@ -463,8 +468,8 @@ class QueueRunner(Service):
             )
         return entry
 
-    async def _conclude(self, entry: QueueEntry) -> None:
-        """Bounce or warn as needed; then remove, or save and schedule again."""
+    async def _conclude(self, entry: QueueEntry) -> float | None:
+        """Bounce or warn as needed; then remove, or save for the next attempt."""
         now = self.clock.seconds()
         if entry.is_finished:
             failed = [
@@ -476,7 +481,7 @@ class QueueRunner(Service):
                 await self._report(entry, failed, now, delayed_until=None)
             await self.store.remove(entry.queue_id)
             _log.info("{queue_id}: removed", queue_id=entry.queue_id)
-            return
+            return None
         retry = self.settings.retry
         if (
             retry.delay_warning is not None
@@ -503,7 +508,7 @@ class QueueRunner(Service):
             last_error=last,
         )
         await self.store.update(entry)
-        self.schedule(entry.queue_id, next_attempt)
+        return next_attempt
 
     async def _report(
         self,

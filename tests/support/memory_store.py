@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from txstarttls.queue import (
@@ -19,7 +20,8 @@ from txstarttls.queue import (
 class MemoryStore:
     """Keeps entries and contents in dicts; records every write."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        self._clock = clock
         self.entries: dict[str, QueueEntry] = {}
         self.contents: dict[str, bytes] = {}
         self.incoming: list[tuple[QueueEntry, bytes]] = []
@@ -29,20 +31,28 @@ class MemoryStore:
         self.entries[entry.queue_id] = entry
         self.contents[entry.queue_id] = content
         self.writes.append(("add", entry.queue_id))
-        return succeed(None)
+        return self._done()
 
     def update(self, entry: QueueEntry) -> Deferred[None]:
         if entry.queue_id not in self.entries:
             raise MessageNotFound(entry.queue_id)
         self.entries[entry.queue_id] = entry
         self.writes.append(("update", entry.queue_id))
-        return succeed(None)
+        return self._done()
 
     def remove(self, queue_id: str) -> Deferred[None]:
         self.entries.pop(queue_id, None)
         self.contents.pop(queue_id, None)
         self.writes.append(("remove", queue_id))
-        return succeed(None)
+        return self._done()
+
+    def _done(self) -> Deferred[None]:
+        """Fire now, or (with a clock) on its next tick, as a disk write would."""
+        if self._clock is None:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._clock.callLater(0, done.callback, None)
+        return done
 
     def get(self, queue_id: str) -> QueueEntry:
         try:
