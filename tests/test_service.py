@@ -273,3 +273,57 @@ def test_twistd_lists_the_plugin() -> None:
         check=False,
     )
     assert b"starttls-relay" in completed.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_endpoint_serves_prometheus_text(tmp_path: Path) -> None:
+    import urllib.request
+
+    from txstarttls.service import MetricsService
+
+    config = build_config(
+        {
+            "queue": str(tmp_path / "queue"),
+            "listen": ["tcp:0:interface=127.0.0.1"],
+            "metrics": "tcp:0:interface=127.0.0.1",
+        }
+    )
+    service = build_relay_service(reactor, config)
+    service.startService()
+    try:
+        listener = next(s for s in service if isinstance(s, ListenerService))
+        assert listener.listening is not None
+        await listener.listening
+        assert listener.port is not None
+        port = listener.port.getHost().port  # type: ignore[attr-defined]
+        await deferToThread(smtplib_send, port, ["a@example.net"])
+        exporter = next(s for s in service if isinstance(s, MetricsService))
+        await until(lambda: exporter.port is not None)
+        assert exporter.port is not None
+        url = f"http://127.0.0.1:{exporter.port.getHost().port}/metrics"  # type: ignore[attr-defined]
+
+        def scrape() -> str:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text: str = response.read().decode()
+                return text
+
+        text = ""
+
+        async def delivered() -> bool:
+            nonlocal text
+            text = await deferToThread(scrape)
+            return 'txstarttls_recipient_outcomes_total{status="sent"} 1.0' in text
+
+        deadline = time.monotonic() + 10
+        while not await delivered():
+            assert time.monotonic() < deadline, text
+            await sleep(0.05)
+        assert "txstarttls_messages_received_total 1.0" in text
+        assert "txstarttls_queue_messages 0.0" in text
+        assert (
+            'txstarttls_tls_sessions_total{direction="outbound",version="TLSv1.3"}'
+            in text
+        )
+        assert "txstarttls_delivery_latency_seconds_bucket" in text
+    finally:
+        await service.stopService()

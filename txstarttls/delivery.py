@@ -45,6 +45,7 @@ from txstarttls.errors import (
     TLSError,
 )
 from txstarttls.message import PreparedMessage, prepare
+from txstarttls.metrics import NullMetrics, RelayMetrics
 from txstarttls.queue import (
     IMessageStore,
     MessageNotFound,
@@ -229,6 +230,7 @@ class QueueRunner(Service):
         settings: DeliverySettings,
         *,
         draw: Callable[[], float] = random.random,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         if not pools:
             raise ConfigurationError("at least one smarthost is needed")
@@ -237,6 +239,7 @@ class QueueRunner(Service):
         self.clock = clock
         self.settings = settings
         self._draw = draw
+        self.metrics = metrics or NullMetrics()
         self._timers: dict[str, IDelayedCall] = {}
         self._ready: deque[tuple[str, float]] = deque()
         self._active: dict[str, Deferred[float | None]] = {}
@@ -396,6 +399,8 @@ class QueueRunner(Service):
                     )
             else:
                 outcomes = outcome_of_result(result)
+                if result.tls is not None and result.setup_seconds > 0:
+                    self.metrics.outbound_tls(result.tls.version)
         finished = self.clock.seconds()
         self._log_outcomes(
             entry,
@@ -576,6 +581,7 @@ class QueueRunner(Service):
         delay = postfix_seconds(finished - entry.arrival_time)
         shown = "/".join(postfix_seconds(d) for d in delays)
         for outcome in outcomes:
+            self.metrics.delivery(outcome.status, finished - entry.arrival_time)
             log = _log.info if outcome.status == "sent" else _log.warn
             log(
                 "{queue_id}: to=<{to}>, relay={relay}, delay={delay}, "

@@ -78,6 +78,7 @@ from zope.interface import implementer
 from txstarttls.address import needs_smtputf8, validate_address
 from txstarttls.data import MAX_LINE_OCTETS, DataDecoder
 from txstarttls.errors import InvalidAddress
+from txstarttls.metrics import NullMetrics, RelayMetrics
 from txstarttls.policy import (
     DEFAULT_ALLOWED_NETWORKS,
     Network,
@@ -325,6 +326,7 @@ class RelayServer(LineReceiver):
     def handshakeCompleted(self) -> None:
         self._tls_details = self._read_tls_details()
         details = self._tls_details
+        self.factory.metrics.inbound_tls(details.version if details else "unknown")
         log.info(
             "TLS connection established from {client}: {version} with cipher {cipher}",
             client=self._label,
@@ -937,6 +939,7 @@ class RelayServer(LineReceiver):
         )
 
     def _stored(self, entry: QueueEntry) -> None:
+        self.factory.metrics.message_received(entry.size)
         log.info(
             "{queue_id}: from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
             queue_id=entry.queue_id,
@@ -1132,6 +1135,7 @@ class RelayServer(LineReceiver):
     def _auth_failed(self, mechanism: str, username: bytes) -> None:
         """Count, log (user name only) and answer after a delay."""
         self._auth_failures += 1
+        self.factory.metrics.auth_failed()
         log.warn(
             "{client}: SASL {mechanism} authentication failed, sasl_username={user}",
             client=self._label,
@@ -1190,6 +1194,7 @@ class RelayServerFactory(ServerFactory):
         self.store = store
         self.clock = clock
         self.portal = portal
+        self.metrics: RelayMetrics = NullMetrics()
         self.on_queued: Callable[[str], None] | None = None
         """Told each new queue id once it is durable (the runner starts it)."""
         self._connections: set[RelayServer] = set()

@@ -33,6 +33,7 @@ from txstarttls.credentials import (
 )
 from txstarttls.delivery import DeliverySettings, QueueRunner, RetryPolicy
 from txstarttls.errors import ConfigurationError
+from txstarttls.metrics import PrometheusMetrics
 from txstarttls.policy import check_listener_safety, parse_networks
 from txstarttls.pool import ConnectionPool, PoolLimits
 from txstarttls.queue import FilesystemStore
@@ -154,6 +155,44 @@ class ListenerService(Service):
         if self.port is not None:
             await maybeDeferred(self.port.stopListening)
         await self.factory.shutdown()
+
+
+class MetricsService(Service):
+    """Serves Prometheus text on --metrics (a Twisted endpoint description)."""
+
+    def __init__(
+        self, reactor: IReactorCore, description: str, metrics: PrometheusMetrics
+    ) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.metrics = metrics
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        from prometheus_client.twisted import MetricsResource
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        root = Resource()  # type: ignore[no-untyped-call]
+        metrics = MetricsResource(registry=self.metrics.registry)  # type: ignore[no-untyped-call]
+        root.putChild(b"metrics", metrics)
+        endpoint = serverFromString(  # type: ignore[no-untyped-call]
+            self.reactor, self.description
+        )
+        listening = endpoint.listen(Site(root))  # type: ignore[no-untyped-call]
+        listening.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        _log.info("metrics on {description}/metrics", description=self.description)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self.port is None:
+            return None
+        stopped: Deferred[None] = maybeDeferred(self.port.stopListening)  # type: ignore[call-overload]
+        return stopped
 
 
 class FlushWatcher(Service):
@@ -354,6 +393,12 @@ def build_relay_service(reactor: IReactorCore, config: RelayConfig) -> MultiServ
                 trust_root=demo.trust_root,
             )
         ]
+    metrics = None
+    if config["metrics"] is not None:
+        metrics = PrometheusMetrics(store, reactor.seconds)  # type: ignore[attr-defined]
+        MetricsService(reactor, config["metrics"], metrics).setServiceParent(  # type: ignore[no-untyped-call]
+            relay
+        )
     runner = QueueRunner(
         store,
         pools,
@@ -370,6 +415,7 @@ def build_relay_service(reactor: IReactorCore, config: RelayConfig) -> MultiServ
             rewrite_sender=config["rewrite-sender"],
             rewrite_from=config["rewrite-from"],
         ),
+        metrics=metrics,
     )
     runner.setServiceParent(relay)  # type: ignore[no-untyped-call]
     FlushWatcher(reactor, queue, runner).setServiceParent(relay)  # type: ignore[no-untyped-call]
@@ -381,5 +427,7 @@ def build_relay_service(reactor: IReactorCore, config: RelayConfig) -> MultiServ
             portal=portal,
         )
         factory.on_queued = runner.notify_queued
+        if metrics is not None:
+            factory.metrics = metrics
         ListenerService(reactor, description, factory).setServiceParent(relay)  # type: ignore[no-untyped-call]
     return relay
