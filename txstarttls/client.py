@@ -100,24 +100,33 @@ class Timeouts:
     """A deadline for a whole send(); None for no limit."""
 
     def for_phase(self, phase: Phase) -> float:
-        return {
-            Phase.GREETING: self.greeting,
-            Phase.MAIL: self.mail,
-            Phase.RCPT: self.rcpt,
-            Phase.DATA: self.data,
-            Phase.END_OF_DATA: self.end_of_data,
-            Phase.TLS_HANDSHAKE: self.tls_handshake,
-        }.get(phase, self.command)
+        return self.table()[phase]
+
+    def table(self) -> dict[Phase, float]:
+        """Seconds for every phase, looked up once per connection."""
+        table = dict.fromkeys(Phase, self.command)
+        table.update(
+            {
+                Phase.GREETING: self.greeting,
+                Phase.MAIL: self.mail,
+                Phase.RCPT: self.rcpt,
+                Phase.DATA: self.data,
+                Phase.END_OF_DATA: self.end_of_data,
+                Phase.TLS_HANDSHAKE: self.tls_handshake,
+            }
+        )
+        return table
 
 
 class _Waiter:
-    """A command sent whose reply has not come yet."""
+    """A command sent whose reply has not come yet, and its deadline."""
 
-    __slots__ = ("deferred", "phase", "timer")
+    __slots__ = ("deadline", "deferred", "phase", "seconds")
 
-    def __init__(self, phase: Phase, timer: IDelayedCall) -> None:
+    def __init__(self, phase: Phase, seconds: float, now: float) -> None:
         self.phase = phase
-        self.timer = timer
+        self.seconds = seconds
+        self.deadline = now + seconds
         self.deferred: Deferred[Reply] = Deferred()
 
 
@@ -159,6 +168,10 @@ class ESMTPClient(LineReceiver):
         self._tls_done: Deferred[Reply] | None = None
         self._tls_reply: Reply | None = None
         self._tls_timer: IDelayedCall | None = None
+        # One timer per connection, always for the oldest command: pipelined
+        # commands share it instead of each scheduling and cancelling one.
+        self._reply_timer: IDelayedCall | None = None
+        self._phase_seconds = self.timeouts.table()
         self._starttls_sent = False
         self.capabilities = Capabilities.empty()
         self.tls: TLSInfo | None = None
@@ -196,9 +209,8 @@ class ESMTPClient(LineReceiver):
     def _fail_pending(self, error: SMTPError) -> None:
         """Fail every command still waiting; QUIT counts as done."""
         waiters, self._waiters = self._waiters, deque()
+        self._disarm()
         for waiter in waiters:
-            if waiter.timer.active():
-                waiter.timer.cancel()
             if waiter.phase is Phase.QUIT:
                 waiter.deferred.callback(Reply(221, ("connection closed",)))
             elif waiter.phase is Phase.END_OF_DATA and not isinstance(
@@ -296,7 +308,10 @@ class ESMTPClient(LineReceiver):
                 self._abort(ProtocolViolation(f"reply no command waits for: {reply}"))
             return
         waiter = self._waiters.popleft()
-        waiter.timer.cancel()
+        if self._waiters:
+            self._arm(self._waiters[0])
+        else:
+            self._disarm()
         if waiter.phase is Phase.STARTTLS and reply.code == 220:
             self._begin_tls(waiter, reply)
             return
@@ -432,25 +447,25 @@ class ESMTPClient(LineReceiver):
             return fail(ConnectionLost("not connected", phase=Phase.DATA))
         # Until the terminator is out, a failure cannot have delivered
         # anything: the phase is DATA, and each block gets its own timeout.
-        waiter = self._expect(Phase.DATA, timeout=self.timeouts.data_block)
+        waiter = self._expect(Phase.DATA, seconds=self.timeouts.data_block)
         self._record("C", _BODY_SHOWN)
         _BodyStreamer(self, self._waiters[-1], message.chunks()).start()
         return waiter
 
     def _block_sent(self, waiter: _Waiter) -> None:
         """A block of the body went out: its timeout starts again."""
-        waiter.timer.cancel()
-        waiter.timer = self.clock.callLater(
-            self.timeouts.data_block, self._timed_out, Phase.DATA
-        )
+        self._restart(waiter, waiter.phase, self.timeouts.data_block)
 
     def _body_finished(self, waiter: _Waiter) -> None:
         """The terminator is out: from now on a loss means outcome unknown."""
-        waiter.timer.cancel()
-        waiter.phase = Phase.END_OF_DATA
-        waiter.timer = self.clock.callLater(
-            self.timeouts.end_of_data, self._timed_out, Phase.END_OF_DATA
-        )
+        self._restart(waiter, Phase.END_OF_DATA, self.timeouts.end_of_data)
+
+    def _restart(self, waiter: _Waiter, phase: Phase, seconds: float) -> None:
+        waiter.phase = phase
+        waiter.seconds = seconds
+        waiter.deadline = self.clock.seconds() + seconds
+        if self._waiters and self._waiters[0] is waiter:
+            self._arm(waiter)
 
     def rset(self) -> Deferred[Reply]:
         return self._command(b"RSET", Phase.RSET)
@@ -513,18 +528,36 @@ class ESMTPClient(LineReceiver):
         self.transport.write(data)
         return waiter
 
-    def _expect(self, phase: Phase, *, timeout: float | None = None) -> Deferred[Reply]:
-        timer = self.clock.callLater(
-            self.timeouts.for_phase(phase) if timeout is None else timeout,
-            self._timed_out,
-            phase,
-        )
-        waiter = _Waiter(phase, timer)
+    def _expect(self, phase: Phase, *, seconds: float | None = None) -> Deferred[Reply]:
+        if seconds is None:
+            seconds = self._phase_seconds[phase]
+        waiter = _Waiter(phase, seconds, self.clock.seconds())
         self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            self._arm(waiter)
         return waiter.deferred
 
-    def _timed_out(self, phase: Phase) -> None:
-        seconds = self.timeouts.for_phase(phase)
+    def _arm(self, waiter: _Waiter) -> None:
+        """Point the reply timer at ``waiter``, now the oldest command."""
+        delay = max(0.0, waiter.deadline - self.clock.seconds())
+        timer = self._reply_timer
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._reply_timer = self.clock.callLater(delay, self._reply_overdue)
+
+    def _disarm(self) -> None:
+        timer, self._reply_timer = self._reply_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _reply_overdue(self) -> None:
+        self._reply_timer = None
+        if self._waiters:
+            waiter = self._waiters[0]
+            self._timed_out(waiter.phase, waiter.seconds)
+
+    def _timed_out(self, phase: Phase, seconds: float) -> None:
         self._abort(
             Timeout(f"no {phase.value} reply within {seconds:g} s", phase=phase)
         )
@@ -555,7 +588,10 @@ class ESMTPClient(LineReceiver):
 
     def _start_handshake_timer(self) -> None:
         self._tls_timer = self.clock.callLater(
-            self.timeouts.tls_handshake, self._timed_out, Phase.TLS_HANDSHAKE
+            self.timeouts.tls_handshake,
+            self._timed_out,
+            Phase.TLS_HANDSHAKE,
+            self.timeouts.tls_handshake,
         )
 
     def _cancel_tls_timer(self) -> None:
