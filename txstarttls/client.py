@@ -231,7 +231,7 @@ class ESMTPClient(LineReceiver):
 
     def _loss_error(self, reason: Failure) -> SMTPError:
         if self._pending_tls is not None:
-            return _handshake_error(reason)
+            return _handshake_error(reason, self._pending_tls.hostname)
         phase = self._waiters[0].phase if self._waiters else None
         if phase is Phase.END_OF_DATA:
             return OutcomeUnknown(
@@ -613,20 +613,23 @@ class ESMTPClient(LineReceiver):
             self._transcript(direction, line)
 
 
-def _handshake_error(reason: Failure) -> SMTPError:
+def _handshake_error(reason: Failure, hostname: str) -> SMTPError:
     """Map why a connection died during the TLS handshake to a typed error."""
     value = reason.value
     if isinstance(value, SMTPError):
         return value
     if isinstance(value, VerificationError):
         return CertificateVerificationFailed(
-            "server certificate does not match the host name", phase=Phase.TLS_HANDSHAKE
+            f"server certificate is not valid for {hostname}; check the host "
+            "name or --tls-hostname",
+            phase=Phase.TLS_HANDSHAKE,
         )
     if isinstance(value, SSL.Error):
         detail = _ssl_error_text(value)
         if "certificate verify failed" in detail:
             return CertificateVerificationFailed(
-                f"server certificate did not verify: {detail}",
+                f"server certificate for {hostname} did not verify ({detail}); "
+                "check --ca-file or the system CA store",
                 phase=Phase.TLS_HANDSHAKE,
             )
         return TLSHandshakeFailed(

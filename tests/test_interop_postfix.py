@@ -1,0 +1,214 @@
+"""Our client and our relay against a real Postfix (STARTTLS + SASL AUTH).
+
+``txstarttls send`` is run exactly as a user runs it from the README; the
+relay runs as ``twistd starttls-relay`` with the private Postfix as its
+smarthost. Either way the message must land in Postfix's Maildir, received
+with ESMTPSA (TLS and AUTH, RFC 3848) from our authenticated user.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.postfix import PostfixInstance
+from tests.support.tls import TLSFiles
+from tests.test_crash import wait_for_port
+from tests.test_service import free_port, relay_environment, twistd
+
+pytestmark = pytest.mark.interop
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def password_file(postfix: PostfixInstance, tmp_path: Path) -> Path:
+    path = tmp_path / "password"
+    path.write_text(postfix.password + "\n")
+    return path
+
+
+def assert_delivered_with_tls_and_auth(
+    postfix: PostfixInstance, recipient: str, token: str
+) -> bytes:
+    (message,) = postfix.wait_for_message(recipient=recipient, timeout=30)
+    assert token.encode() in message
+    assert b"with ESMTPSA" in message, message.decode(errors="replace")
+    assert f"(Authenticated sender: {postfix.username}@".encode() in message
+    return message
+
+
+def test_txstarttls_send_delivers_to_postfix_over_verified_starttls_with_auth(
+    postfix: PostfixInstance, tmp_path: Path
+) -> None:
+    recipient = postfix.address(unique("send"))
+    token = unique("token")
+    message = tmp_path / "message.eml"
+    message.write_bytes(
+        f"Subject: {token}\r\n\r\n.leading dot\r\nbody {token}\r\n".encode()
+    )
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "txstarttls",
+            "send",
+            "--host",
+            postfix.host,
+            "--port",
+            str(postfix.port),
+            "--tls-hostname",
+            postfix.tls_hostname,
+            "--ca-file",
+            str(postfix.ca_file),
+            "--username",
+            postfix.username,
+            "--password-file",
+            str(password_file(postfix, tmp_path)),
+            "--from",
+            "cron@client.test.example",
+            "--to",
+            recipient,
+            "-v",
+            str(message),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    output = completed.stdout.decode() + completed.stderr.decode()
+    assert completed.returncode == 0, output + postfix.maillog_tail()
+    assert f"to=<{recipient}>" in output
+    assert "tls=TLSv1." in output and "status=sent (250 2.0.0" in output
+    assert postfix.password not in output
+    delivered = assert_delivered_with_tls_and_auth(postfix, recipient, token)
+    # Dot-stuffing undone by Postfix: the line arrives as it was written.
+    assert b"\n.leading dot" in delivered.replace(b"\r\n", b"\n")
+
+
+def test_wrong_password_is_a_permanent_authentication_failure(
+    postfix: PostfixInstance, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the password\n")
+    message = tmp_path / "message.eml"
+    message.write_bytes(b"Subject: x\r\n\r\nx\r\n")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "txstarttls",
+            "send",
+            "--host",
+            postfix.host,
+            "--port",
+            str(postfix.port),
+            "--tls-hostname",
+            postfix.tls_hostname,
+            "--ca-file",
+            str(postfix.ca_file),
+            "--username",
+            postfix.username,
+            "--password-file",
+            str(wrong),
+            "--from",
+            "cron@client.test.example",
+            "--to",
+            postfix.address(unique("wrong")),
+            str(message),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 69, completed.stderr.decode()
+    assert b"535" in completed.stderr
+
+
+def test_certificate_for_another_name_is_refused_before_ehlo(
+    postfix: PostfixInstance, tmp_path: Path
+) -> None:
+    message = tmp_path / "message.eml"
+    message.write_bytes(b"Subject: x\r\n\r\nx\r\n")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "txstarttls",
+            "send",
+            "--host",
+            postfix.host,
+            "--port",
+            str(postfix.port),
+            "--tls-hostname",
+            "smtp.wrong.example",
+            "--ca-file",
+            str(postfix.ca_file),
+            "--from",
+            "cron@client.test.example",
+            "--to",
+            postfix.address(unique("name")),
+            "-v",
+            str(message),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 75, completed.stderr.decode()
+    transcript = completed.stderr.decode()
+    assert "server certificate is not valid for smtp.wrong.example" in transcript
+    assert transcript.count("-> EHLO") == 1
+
+
+def test_relay_delivers_through_postfix_as_smarthost(
+    postfix: PostfixInstance, tmp_path: Path, tls_files: TLSFiles
+) -> None:
+    port = free_port()
+    log = tmp_path / "relay.log"
+    relay = subprocess.Popen(
+        twistd(
+            "--queue",
+            str(tmp_path / "queue"),
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--smarthost",
+            f"{postfix.host}:{postfix.port}",
+            "--tls-hostname",
+            postfix.tls_hostname,
+            "--ca-file",
+            str(postfix.ca_file),
+            "--username",
+            postfix.username,
+            "--password-file",
+            str(password_file(postfix, tmp_path)),
+            "--hostname",
+            "relay.client.test.example",
+        ),
+        env=relay_environment(),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, relay, log)
+        recipient = postfix.address(unique("relay"))
+        token = unique("token")
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail(
+                "cron@client.test.example",
+                [recipient],
+                f"Subject: {token}\r\n\r\nvia the relay {token}\r\n".encode(),
+            )
+        delivered = assert_delivered_with_tls_and_auth(postfix, recipient, token)
+        assert b"by relay.client.test.example (txstarttls)" in delivered
+        text = log.read_text()
+        assert f"to=<{recipient}>" in text and "status=sent (250 2.0.0" in text
+    finally:
+        relay.terminate()
+        relay.wait(timeout=30)
