@@ -21,6 +21,7 @@ import base64
 import binascii
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -42,8 +43,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txstarttls.address import (
-    format_path,
-    needs_smtputf8,
     validate_address,
     validate_hostname_argument,
     validate_parameter,
@@ -79,6 +78,7 @@ Transcript = Callable[[str, bytes], None]
 """Receives ("C", line) and ("S", line) for every line, AUTH data redacted."""
 
 _REDACTED = b"<redacted>"
+_CACHE_LIMIT = 1024
 _BODY_SHOWN = b"<message body>"
 
 
@@ -172,6 +172,11 @@ class ESMTPClient(LineReceiver):
         # commands share it instead of each scheduling and cancelling one.
         self._reply_timer: IDelayedCall | None = None
         self._phase_seconds = self.timeouts.table()
+        # Arguments already validated on this connection: a pooled session
+        # sends the same sender and parameters over and over.
+        self._batch: list[bytes] | None = None
+        self._paths: dict[str, bytes] = {}
+        self._parameters: dict[tuple[str, ...], bytes] = {}
         self._starttls_sent = False
         self.capabilities = Capabilities.empty()
         self.tls: TLSInfo | None = None
@@ -409,16 +414,14 @@ class ESMTPClient(LineReceiver):
 
     def mail(self, sender: str, parameters: Sequence[str] = ()) -> Deferred[Reply]:
         """MAIL FROM; ``parameters`` are ``KEY`` or ``KEY=value`` strings."""
-        validate_address(sender, allow_null=True)
         return self._command(
-            b"MAIL FROM:" + self._path(sender) + self._params(parameters),
+            b"MAIL FROM:" + self._path(sender, null=True) + self._params(parameters),
             Phase.MAIL,
         )
 
     def rcpt(self, recipient: str, parameters: Sequence[str] = ()) -> Deferred[Reply]:
-        validate_address(recipient)
         return self._command(
-            b"RCPT TO:" + self._path(recipient) + self._params(parameters),
+            b"RCPT TO:" + self._path(recipient, null=False) + self._params(parameters),
             Phase.RCPT,
         )
 
@@ -483,21 +486,34 @@ class ESMTPClient(LineReceiver):
 
     # --- internals -----------------------------------------------------------
 
-    def _path(self, address: str) -> bytes:
-        if needs_smtputf8(address) and not self.capabilities.smtputf8:
+    def _path(self, address: str, *, null: bool) -> bytes:
+        """``<address>``, validated (once per connection and address)."""
+        path = self._paths.get(address)
+        if path is None or (not address and not null):
+            validate_address(address, allow_null=null)
+            path = b"<" + address.encode("utf-8") + b">"
+            if len(self._paths) < _CACHE_LIMIT:
+                self._paths[address] = path
+        if not address.isascii() and not self.capabilities.smtputf8:
             raise ExtensionRequired(
                 f"address {address!r} needs SMTPUTF8, which the server does not offer"
             )
-        return format_path(address)
+        return path
 
     def _params(self, parameters: Sequence[str]) -> bytes:
-        checked = []
-        for parameter in parameters:
-            keyword, _, value = parameter.partition("=")
-            checked.append(
-                validate_parameter(keyword, value if "=" in parameter else None)
-            )
-        return b"".join(b" " + p.encode("ascii") for p in checked)
+        if not parameters:
+            return b""
+        key = tuple(parameters)
+        encoded = self._parameters.get(key)
+        if encoded is None:
+            checked = []
+            for parameter in parameters:
+                keyword, equals, value = parameter.partition("=")
+                checked.append(validate_parameter(keyword, value if equals else None))
+            encoded = b"".join(b" " + p.encode("ascii") for p in checked)
+            if len(self._parameters) < _CACHE_LIMIT:
+                self._parameters[key] = encoded
+        return encoded
 
     def _command(
         self, line: bytes, phase: Phase, *, shown: bytes | None = None
@@ -525,8 +541,26 @@ class ESMTPClient(LineReceiver):
             )
         waiter = self._expect(phase)
         self._record("C", shown)
-        self.transport.write(data)
+        if self._batch is not None:
+            self._batch.append(data)
+        else:
+            self.transport.write(data)
         return waiter
+
+    @contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """Commands issued inside go out in one write (RFC 2920 PIPELINING).
+
+        Under TLS that is one record instead of one per command. Only for a
+        server that offers PIPELINING, and never around EHLO, STARTTLS or AUTH.
+        """
+        self._batch = []
+        try:
+            yield
+        finally:
+            batch, self._batch = self._batch, None
+            if batch and self.transport is not None and self._failure is None:
+                self.transport.write(b"".join(batch))
 
     def _expect(self, phase: Phase, *, seconds: float | None = None) -> Deferred[Reply]:
         if seconds is None:

@@ -110,8 +110,8 @@ class ConnectionPool:
         pooled, reused = await self._acquire()
         setup = 0.0 if reused else self._reactor.seconds() - started
         try:
-            result = await self._send(pooled, envelope, prepared)
-            return dataclasses.replace(result, setup_seconds=setup)
+            result = await pooled.session.send(envelope, prepared)
+            return dataclasses.replace(result, setup_seconds=setup) if setup else result
         except ConnectionLost as error:
             if not reused or error.phase not in _SAFE_TO_RETRY:
                 raise
@@ -121,22 +121,12 @@ class ConnectionPool:
             self._release(pooled)
         pooled, _ = await self._acquire(fresh=True)
         try:
-            result = await self._send(pooled, envelope, prepared)
+            result = await pooled.session.send(envelope, prepared)
             return dataclasses.replace(
                 result, setup_seconds=self._reactor.seconds() - started
             )
         finally:
             self._release(pooled)
-
-    async def _send(
-        self, pooled: _Pooled, envelope: Envelope, prepared: PreparedMessage
-    ) -> SendResult:
-        client = pooled.session.client
-        deadline = start_deadline(client, self.upstream.timeouts.overall)
-        try:
-            return await pooled.session.send(envelope, prepared)
-        finally:
-            cancel_deadline(deadline)
 
     async def _acquire(self, *, fresh: bool = False) -> tuple[_Pooled, bool]:
         while True:
@@ -144,8 +134,6 @@ class ConnectionPool:
                 raise ConnectionFailed("connection pool is closed", phase=Phase.CONNECT)
             while self._idle and not fresh:
                 pooled = self._idle.pop()
-                if pooled.idle_timer is not None and pooled.idle_timer.active():
-                    pooled.idle_timer.cancel()
                 if pooled.session.usable:
                     return pooled, True
                 self._discard(pooled)
@@ -173,9 +161,15 @@ class ConnectionPool:
         ):
             self._discard(pooled)
             return
-        pooled.idle_timer = self._reactor.callLater(
-            self.limits.idle_timeout, self._expire, pooled
-        )
+        # One timer per session, pushed back on every release rather than
+        # scheduled and cancelled around every message.
+        timer = pooled.idle_timer
+        if timer is not None and timer.active():
+            timer.reset(self.limits.idle_timeout)
+        else:
+            pooled.idle_timer = self._reactor.callLater(
+                self.limits.idle_timeout, self._expire, pooled
+            )
         self._idle.append(pooled)
         self._wake_one()
 
@@ -185,6 +179,8 @@ class ConnectionPool:
             self._discard(pooled)
 
     def _discard(self, pooled: _Pooled) -> None:
+        if pooled.idle_timer is not None and pooled.idle_timer.active():
+            pooled.idle_timer.cancel()
         pooled.session.close()
         self._open -= 1
         self._wake_one()

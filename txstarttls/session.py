@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import cast
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from txstarttls.address import (
     needs_smtputf8,
@@ -313,24 +312,27 @@ class Session:
         client = self.client
         parameters = self.mail_parameters(envelope, message)
         if client.capabilities.pipelining:
-            pipelined = [
-                client.mail(envelope.sender, parameters),
-                *(
-                    client.rcpt(r, self.rcpt_parameters(envelope, r))
-                    for r in envelope.recipients
-                ),
-                client.data(),
-            ]
+            with client.pipeline():
+                pipelined = [
+                    client.mail(envelope.sender, parameters),
+                    *(
+                        client.rcpt(r, self.rcpt_parameters(envelope, r))
+                        for r in envelope.recipients
+                    ),
+                    client.data(),
+                ]
             # Every reply is in before any is judged: a connection lost half
             # way (after a 421, say) leaves no failed Deferred unhandled, and
             # the server's own reply to MAIL is the error reported.
-            outcomes = await DeferredList(pipelined, consumeErrors=True)
-            mail, *rcpt_replies, data = (value for _, value in outcomes)
-            failed = [cast(Failure, value) for ok, value in outcomes if not ok]
-            if failed:
-                if outcomes[0][0] and not mail.is_success:
-                    raise reply_error(mail, Phase.MAIL, trusted=self.trusted)
-                failed[0].raiseException()
+            outcomes = await _settle(pipelined)
+            errors = [o for o in outcomes if not isinstance(o, Reply)]
+            if errors:
+                first = outcomes[0]
+                if isinstance(first, Reply) and not first.is_success:
+                    raise reply_error(first, Phase.MAIL, trusted=self.trusted)
+                raise errors[0]
+            replies = cast(list[Reply], outcomes)
+            mail, rcpt_replies, data = replies[0], replies[1:-1], replies[-1]
         else:
             mail = await client.mail(envelope.sender, parameters)
             if not mail.is_success:
@@ -395,15 +397,6 @@ class Session:
             error.relay = error.relay or self.relay
             raise
         self.messages_sent += 1
-        for recipient in results:
-            _log.debug(
-                "to=<{to}>, relay={relay}, dsn={dsn}, status={status} ({reply})",
-                to=recipient.recipient,
-                relay=self.relay,
-                dsn=recipient.dsn,
-                status=recipient.status,
-                reply=str(recipient.reply),
-            )
         return SendResult(
             recipients=results, reply=final, tls=self.client.tls, relay=self.relay
         )
@@ -457,6 +450,17 @@ def _is_local_peer(client: ESMTPClient) -> bool:
     if isinstance(peer, IPv6Address):
         return peer.host == "::1"
     return False
+
+
+async def _settle(deferreds: list[Deferred[Reply]]) -> list[Reply | Exception]:
+    """Every outcome, in order; none of the Deferreds is left unhandled."""
+    outcomes: list[Reply | Exception] = []
+    for deferred in deferreds:
+        try:
+            outcomes.append(await deferred)
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
 
 
 def start_deadline(client: ESMTPClient, seconds: float | None) -> IDelayedCall | None:
