@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
     clientFromString,
     connectProtocol,
     wrapClientTLS,
@@ -98,18 +101,22 @@ def client_endpoint(
     reactor: IReactorTime, upstream: Upstream, tls: ClientTLS | None
 ) -> IStreamClientEndpoint:
     """The endpoint to connect to, wrapped in TLS for implicit mode."""
+    host = upstream.host or ""
+    port = upstream.effective_port
+    timeout = upstream.timeouts.connect
     if upstream.endpoint is not None:
         endpoint: IStreamClientEndpoint = clientFromString(  # type: ignore[no-untyped-call]
             reactor, upstream.endpoint
         )
-    else:
-        assert upstream.host is not None
-        endpoint = HostnameEndpoint(
-            reactor,
-            upstream.host,
-            upstream.effective_port,
-            timeout=upstream.timeouts.connect,
+    elif isIPAddress(host):
+        # A literal address needs no resolver thread and no happy eyeballs.
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    elif isIPv6Address(host):
+        endpoint = TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
+            reactor, host, port, timeout=timeout
         )
+    else:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if upstream.tls.mode is TLSMode.IMPLICIT:
         assert tls is not None
         endpoint = wrapClientTLS(tls.creator, endpoint)
