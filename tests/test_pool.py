@@ -10,12 +10,12 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import DeferredList, ensureDeferred
 
 from txstarttls.errors import OutcomeUnknown, RecipientsRefused
-from txstarttls.pool import ConnectionPool, PoolLimits
+from txstarttls.pool import ConnectionPool, PoolLimits, open_session
 from txstarttls.sasl import Credentials
 from txstarttls.session import Envelope, SendResult
 from txstarttls.testing import RunningServer, TestMailServer
 from txstarttls.tls import TLSPolicy
-from txstarttls.upstream import Upstream
+from txstarttls.upstream import Upstream, prepare_tls
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -173,3 +173,19 @@ async def test_loss_after_the_final_dot_is_never_retried(
         await pool.deliver(envelope(2), MESSAGE)
     assert len(mail_server.factory.sessions) == 1
     await pool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_disable_nagle_so_ehlo_after_tls_is_not_delayed(
+    server: tuple[TestMailServer, RunningServer], tmp_path: object
+) -> None:
+    mail_server, running = server
+    pool = make_pool(mail_server, running, tmp_path, max_connections=1)
+    upstream = pool.upstream
+    session = await open_session(reactor, upstream, prepare_tls(upstream, None))
+    try:
+        transport = session.client.transport
+        assert transport is not None
+        assert transport.getTcpNoDelay()  # type: ignore[attr-defined]
+    finally:
+        session.close()

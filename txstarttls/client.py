@@ -197,6 +197,11 @@ class ESMTPClient(LineReceiver):
     # --- connection events ---------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Every write is a whole command batch, so Nagle only adds delay: with
+        # it, the EHLO after the TLS Finished waits for a delayed ACK (~40 ms).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self._greeting = self._expect(Phase.GREETING)
         # Handled here, so a failed greeting is never an "Unhandled error in
         # Deferred"; greeting() gives each caller its own copy of the outcome.
