@@ -40,7 +40,7 @@ from txstarttls.session import (
     run_session,
 )
 from txstarttls.tls import ClientTLS, TLSInfo, TLSMode, TLSPolicy, client_tls
-from txstarttls.upstream import Upstream
+from txstarttls.upstream import Upstream, prepare_tls
 
 __version__ = "0.1.0"
 
@@ -86,6 +86,7 @@ __all__ = [
     "client_tls",
     "deliver",
     "prepare",
+    "prepare_tls",
     "run_session",
     "send",
 ]

@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 from twisted.internet import defer
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
@@ -49,7 +50,12 @@ from twisted.internet.interfaces import (
     IReactorCore,
 )
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -1184,6 +1190,13 @@ class TestMailServer:
             hostname or self.hostname, trustRoot=trust
         )
         return options
+
+    def trust_root(self) -> IOpenSSLTrustRoot:
+        """A trust root of just this CA, for ``txstarttls.prepare_tls`` and friends."""
+        root: IOpenSSLTrustRoot = trustRootFromCertificates(  # type: ignore[no-untyped-call]
+            [Certificate.loadPEM(self.ca_pem)]
+        )
+        return root
 
     def ssl_context(self) -> ssl.SSLContext:
         """A standard-library context trusting this CA (for smtplib)."""
