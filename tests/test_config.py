@@ -11,6 +11,7 @@ from txstarttls.config import (
     OPTIONS,
     build_config,
     load_toml,
+    reference_markdown,
 )
 from txstarttls.errors import ConfigurationError
 from txstarttls.tls import TLSMode
@@ -93,3 +94,10 @@ def test_bad_value_types_in_toml(tmp_path: Path) -> None:
 def test_every_option_has_help_and_a_metavar() -> None:
     for option in OPTIONS:
         assert option.help and option.metavar
+
+
+def test_configuration_reference_in_docs_matches_the_options() -> None:
+    """docs/configuration.md is generated; regenerate it when options change:
+    ``txstarttls config-reference > docs/configuration.md``."""
+    docs = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert docs.read_text() == reference_markdown()
