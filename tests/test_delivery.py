@@ -505,3 +505,17 @@ def test_postfix_seconds() -> None:
 def test_no_smarthost_is_a_configuration_error() -> None:
     with pytest.raises(SMTPError):
         QueueRunner(MemoryStore(), [], Clock(), DeliverySettings(hostname="h"))
+
+
+def test_message_deleted_during_delivery_is_dropped_quietly(logged: list[str]) -> None:
+    smarthost = FakeSmarthost(lambda env, _: TransientReplyError("451", code=451))
+    smarthost.block = True
+    harness = Harness(smarthost)
+    queue_id = harness.queue("a@example.net")
+    harness.start()
+    harness.store.remove(queue_id)  # txstarttls delete, meanwhile
+    smarthost.blocked[0].callback(None)
+    assert any("deleted by an operator" in line for line in logged)
+    assert not any("crashed" in line for line in logged)
+    harness.clock.advance(5000)
+    assert len(smarthost.deliveries) == 1

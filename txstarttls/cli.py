@@ -11,13 +11,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 
 from txstarttls import __version__
 from txstarttls.client import Timeouts, Transcript
+from txstarttls.config import DEFAULT_QUEUE, reference_markdown
 from txstarttls.credentials import read_password_file, token_command
 from txstarttls.demo import run_demo
 from txstarttls.errors import (
@@ -25,6 +26,14 @@ from txstarttls.errors import (
     InvalidAddress,
     InvalidArgument,
     SMTPError,
+)
+from txstarttls.operator import (
+    DEFAULT_WAIT,
+    QUEUE_ENVIRONMENT,
+    REACTOR_COMMANDS,
+    SYNCHRONOUS_COMMANDS,
+    run_change_command,
+    run_command,
 )
 from txstarttls.sasl import Credentials
 from txstarttls.send import deliver
@@ -84,7 +93,63 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-q", "--quiet", action="store_true", help="do not print the transcript"
     )
+    add_operator_commands(commands)
     return parser
+
+
+def add_operator_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    """mailq, show, flush, delete, requeue, passwd (logic in txstarttls.operator)."""
+    queue = argparse.ArgumentParser(add_help=False)
+    queue.add_argument(
+        "--queue",
+        metavar="DIR",
+        help=f"queue directory (default: ${QUEUE_ENVIRONMENT}, else {DEFAULT_QUEUE})",
+    )
+    mailq = commands.add_parser(
+        "mailq", parents=[queue], help="list the queued messages"
+    )
+    mailq.add_argument(
+        "--json", action="store_true", help="one JSON object per message and line"
+    )
+    show = commands.add_parser(
+        "show", parents=[queue], help="show one message's envelope and headers"
+    )
+    show.add_argument("queue_id", metavar="ID", help="queue id, as mailq shows it")
+    show.add_argument("--body", action="store_true", help="include the body")
+    commands.add_parser(
+        "flush", parents=[queue], help="have the running relay retry everything now"
+    )
+    for name, summary in (
+        ("delete", "remove messages from the queue"),
+        ("requeue", "try messages again now, keeping each recipient's state"),
+    ):
+        change = commands.add_parser(name, parents=[queue], help=summary)
+        change.add_argument(
+            "queue_ids", nargs="*", metavar="ID", help="queue ids, as mailq shows them"
+        )
+        change.add_argument("--all", action="store_true", help="every message")
+        change.add_argument(
+            "--wait",
+            type=float,
+            default=DEFAULT_WAIT,
+            metavar="SECONDS",
+            help="how long to wait for a running relay to apply it (0: do not wait)",
+        )
+    passwd = commands.add_parser(
+        "passwd", help="add, change or delete a user of the listener's users file"
+    )
+    passwd.add_argument(
+        "--users", required=True, metavar="FILE", help="the relay's --users file"
+    )
+    passwd.add_argument("user", metavar="USER", help="the user name to set or delete")
+    passwd.add_argument(
+        "--stdin", action="store_true", help="read the password once from stdin"
+    )
+    passwd.add_argument("--delete", action="store_true", help="remove the user")
+    commands.add_parser(
+        "config-reference",
+        help="print the relay's configuration reference (docs/configuration.md)",
+    )
 
 
 def add_upstream_options(parser: argparse.ArgumentParser) -> None:
@@ -276,9 +341,14 @@ def _read_message(path: str | None) -> bytes:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console entry point: the only place that uses the global reactor."""
     options = build_parser().parse_args(argv)
+    if options.command in SYNCHRONOUS_COMMANDS:
+        raise SystemExit(run_command(options))
     from twisted.internet.task import react
 
     async def run(reactor: IReactorTime) -> None:
+        if options.command == "config-reference":
+            sys.stdout.write(reference_markdown())
+            return
         if options.command == "demo":
             status = await run_demo(
                 reactor,
@@ -287,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                 sys.stdout,
                 None if options.quiet else _transcript_printer(sys.stdout),
             )
+        elif options.command in REACTOR_COMMANDS:
+            status = await run_change_command(reactor, options)
         else:
             status = await run_send(reactor, options, sys.stdout, sys.stderr)
         if status != EX_OK:

@@ -512,7 +512,14 @@ class QueueRunner(Service):
             next_attempt=next_attempt,
             last_error=last,
         )
-        await self.store.update(entry)
+        try:
+            await self.store.update(entry)
+        except MessageNotFound:
+            _log.info(
+                "{queue_id}: deleted by an operator during delivery",
+                queue_id=entry.queue_id,
+            )
+            return None
         return next_attempt
 
     async def _report(

@@ -1040,7 +1040,9 @@ class FilesystemStore:
             name=f"txstarttls queue writer {self.directory}",
             daemon=True,
         )
-        self._thread.start()
+        # Started on first use, not here: twistd builds the service before
+        # it forks into the background, and a thread does not survive a fork.
+        self._thread_started = False
 
     def _lock(self) -> int:
         root = self.directory
@@ -1123,7 +1125,13 @@ class FilesystemStore:
                 return False
             self._pending.append(operation)
             self._condition.notify()
+        self._start_writer()
         return True
+
+    def _start_writer(self) -> None:
+        if not self._thread_started:
+            self._thread_started = True
+            self._thread.start()
 
     def _closed_error(self) -> StoreError:
         return StoreError(
@@ -1410,6 +1418,7 @@ class FilesystemStore:
         with self._condition:
             self._closing = True
             self._condition.notify()
+        self._start_writer()
         return deferred
 
     def _writer_stopped(self) -> None:

@@ -34,6 +34,7 @@ from txstarttls.credentials import (
 from txstarttls.delivery import DeliverySettings, QueueRunner, RetryPolicy
 from txstarttls.errors import ConfigurationError
 from txstarttls.metrics import PrometheusMetrics
+from txstarttls.operator import FLUSH_REQUEST, apply_requests
 from txstarttls.policy import check_listener_safety, parse_networks
 from txstarttls.pool import ConnectionPool, PoolLimits
 from txstarttls.queue import FilesystemStore
@@ -46,8 +47,6 @@ from txstarttls.userdb import UsersFileChecker, make_portal
 
 _log = Logger(namespace="txstarttls.service")
 
-FLUSH_REQUEST = "flush"
-"""A file of this name in the queue directory asks the relay to retry now."""
 
 _HOST_PORT = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))(?::(?P<port>\d+))?"
@@ -196,7 +195,12 @@ class MetricsService(Service):
 
 
 class FlushWatcher(Service):
-    """Turns ``txstarttls flush`` (a file in the queue directory) into a retry."""
+    """Applies what operators ask from the command line: flush, delete, requeue.
+
+    ``txstarttls flush`` leaves a file in the queue directory; ``delete`` and
+    ``requeue`` leave requests (see txstarttls.operator) while we hold the
+    queue's lock.
+    """
 
     def __init__(self, reactor: IReactorCore, queue: Path, runner: QueueRunner) -> None:
         self.reactor = reactor
@@ -214,11 +218,13 @@ class FlushWatcher(Service):
         if self._loop.running:
             self._loop.stop()
 
-    def _check(self) -> None:
+    def _check(self) -> Deferred[int]:
         if self.request.exists():
             self.request.unlink(missing_ok=True)
             count = self.runner.flush()
             _log.info("flush requested: retrying {count} messages now", count=count)
+        # delete/requeue from the command line while this relay holds the queue.
+        return apply_requests(self.request.parent, self.runner)
 
 
 @dataclass(frozen=True, slots=True)
