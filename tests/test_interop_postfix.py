@@ -8,6 +8,7 @@ with ESMTPSA (TLS and AUTH, RFC 3848) from our authenticated user.
 
 from __future__ import annotations
 
+import signal
 import smtplib
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.postfix import PostfixInstance
+from tests.support.requirements import require_binary
 from tests.support.tls import TLSFiles
 from tests.test_crash import wait_for_port
 from tests.test_service import free_port, relay_environment, twistd
@@ -212,3 +214,87 @@ def test_relay_delivers_through_postfix_as_smarthost(
     finally:
         relay.terminate()
         relay.wait(timeout=30)
+
+
+def test_relay_end_to_end_swaks_sendmail_mailq_and_sigterm(
+    postfix: PostfixInstance, tmp_path: Path
+) -> None:
+    """The operator's day: sendmail while the relay is down, mailq, start,
+    swaks into the relay, delivery to the Postfix smarthost, SIGTERM."""
+    swaks = require_binary("swaks")
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    (queue / "messages").mkdir()
+    (queue / "incoming").mkdir()
+    early = postfix.address(unique("early"))
+    early_token = unique("sendmail")
+    dropped = subprocess.run(
+        [
+            *(sys.executable, "-c", "from txstarttls.sendmail import main; main()"),
+            *("--queue", str(queue), "-t", "-i", "-f", "cron@client.test.example"),
+        ],
+        input=f"To: {early}\nSubject: {early_token}\n\n{early_token}\n".encode(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert dropped.returncode == 0, dropped.stderr.decode()
+    listed = subprocess.run(
+        [sys.executable, "-m", "txstarttls", "mailq", "--queue", str(queue)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr.decode()
+    assert early in listed.stdout.decode()
+    assert "1 Request" in listed.stdout.decode()
+
+    port = free_port()
+    log = tmp_path / "relay.log"
+    relay = subprocess.Popen(
+        twistd(
+            *("--queue", str(queue), "--listen", f"tcp:{port}:interface=127.0.0.1"),
+            *("--smarthost", f"{postfix.host}:{postfix.port}"),
+            *(
+                "--tls-hostname",
+                postfix.tls_hostname,
+                "--ca-file",
+                str(postfix.ca_file),
+            ),
+            *("--username", postfix.username),
+            *("--password-file", str(password_file(postfix, tmp_path))),
+        ),
+        env={**relay_environment(), "PYTHONUNBUFFERED": "1"},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, relay, log)
+        recipient = postfix.address(unique("swaks"))
+        token = unique("swaks")
+        sent = subprocess.run(
+            [
+                *(swaks, "--server", "127.0.0.1", "--port", str(port)),
+                *("--ehlo", "legacy.example", "--from", "cron@client.test.example"),
+                *("--to", recipient, "--header", f"Subject: {token}", "--body", token),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert sent.returncode == 0, sent.stdout.decode()
+        assert_delivered_with_tls_and_auth(postfix, recipient, token)
+        assert_delivered_with_tls_and_auth(postfix, early, early_token)
+        emptied = subprocess.run(
+            [sys.executable, "-m", "txstarttls", "mailq", "--queue", str(queue)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert "Mail queue is empty" in emptied.stdout.decode(), emptied.stdout
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        code = relay.wait(timeout=30)
+    assert code in (0, -signal.SIGTERM), log.read_text()
+    text = log.read_text()
+    assert "Server Shut Down." in text and "Traceback" not in text

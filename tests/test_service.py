@@ -19,9 +19,9 @@ from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
 from txstarttls.config import build_config
+from txstarttls.operator import FLUSH_REQUEST
 from txstarttls.queue import FilesystemStore
 from txstarttls.service import (
-    FLUSH_REQUEST,
     ListenerService,
     RelayService,
     build_relay_service,
