@@ -36,6 +36,25 @@ def password_file(postfix: PostfixInstance, tmp_path: Path) -> Path:
     return path
 
 
+def run_send(
+    postfix: PostfixInstance, message: Path, *options: str
+) -> subprocess.CompletedProcess[bytes]:
+    """``txstarttls send`` to the private Postfix, as a user runs it."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "txstarttls", "send"),
+            *("--host", postfix.host, "--port", str(postfix.port)),
+            *("--ca-file", str(postfix.ca_file)),
+            *("--from", "cron@client.test.example"),
+            *options,
+            str(message),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def assert_delivered_with_tls_and_auth(
     postfix: PostfixInstance, recipient: str, token: str
 ) -> bytes:
@@ -55,34 +74,12 @@ def test_txstarttls_send_delivers_to_postfix_over_verified_starttls_with_auth(
     message.write_bytes(
         f"Subject: {token}\r\n\r\n.leading dot\r\nbody {token}\r\n".encode()
     )
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "txstarttls",
-            "send",
-            "--host",
-            postfix.host,
-            "--port",
-            str(postfix.port),
-            "--tls-hostname",
-            postfix.tls_hostname,
-            "--ca-file",
-            str(postfix.ca_file),
-            "--username",
-            postfix.username,
-            "--password-file",
-            str(password_file(postfix, tmp_path)),
-            "--from",
-            "cron@client.test.example",
-            "--to",
-            recipient,
-            "-v",
-            str(message),
-        ],
-        capture_output=True,
-        timeout=60,
-        check=False,
+    completed = run_send(
+        postfix,
+        message,
+        *("--tls-hostname", postfix.tls_hostname, "--to", recipient, "-v"),
+        *("--username", postfix.username),
+        *("--password-file", str(password_file(postfix, tmp_path))),
     )
     output = completed.stdout.decode() + completed.stderr.decode()
     assert completed.returncode == 0, output + postfix.maillog_tail()
@@ -101,33 +98,12 @@ def test_wrong_password_is_a_permanent_authentication_failure(
     wrong.write_text("not the password\n")
     message = tmp_path / "message.eml"
     message.write_bytes(b"Subject: x\r\n\r\nx\r\n")
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "txstarttls",
-            "send",
-            "--host",
-            postfix.host,
-            "--port",
-            str(postfix.port),
-            "--tls-hostname",
-            postfix.tls_hostname,
-            "--ca-file",
-            str(postfix.ca_file),
-            "--username",
-            postfix.username,
-            "--password-file",
-            str(wrong),
-            "--from",
-            "cron@client.test.example",
-            "--to",
-            postfix.address(unique("wrong")),
-            str(message),
-        ],
-        capture_output=True,
-        timeout=60,
-        check=False,
+    completed = run_send(
+        postfix,
+        message,
+        *("--tls-hostname", postfix.tls_hostname),
+        *("--to", postfix.address(unique("wrong"))),
+        *("--username", postfix.username, "--password-file", str(wrong)),
     )
     assert completed.returncode == 69, completed.stderr.decode()
     assert b"535" in completed.stderr
@@ -138,30 +114,11 @@ def test_certificate_for_another_name_is_refused_before_ehlo(
 ) -> None:
     message = tmp_path / "message.eml"
     message.write_bytes(b"Subject: x\r\n\r\nx\r\n")
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "txstarttls",
-            "send",
-            "--host",
-            postfix.host,
-            "--port",
-            str(postfix.port),
-            "--tls-hostname",
-            "smtp.wrong.example",
-            "--ca-file",
-            str(postfix.ca_file),
-            "--from",
-            "cron@client.test.example",
-            "--to",
-            postfix.address(unique("name")),
-            "-v",
-            str(message),
-        ],
-        capture_output=True,
-        timeout=60,
-        check=False,
+    completed = run_send(
+        postfix,
+        message,
+        *("--tls-hostname", "smtp.wrong.example"),
+        *("--to", postfix.address(unique("name")), "-v"),
     )
     assert completed.returncode == 75, completed.stderr.decode()
     transcript = completed.stderr.decode()
