@@ -327,3 +327,19 @@ async def test_metrics_endpoint_serves_prometheus_text(tmp_path: Path) -> None:
         assert "txstarttls_delivery_latency_seconds_bucket" in text
     finally:
         await service.stopService()
+
+
+def test_broken_users_file_is_a_one_line_error_at_start(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("alice:not-a-hash\n")
+    completed = subprocess.run(
+        twistd("--queue", str(tmp_path / "queue"), "--users", str(users)),
+        env=relay_environment(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    output = (completed.stdout + completed.stderr).decode()
+    assert completed.returncode != 0
+    assert "--users:" in output, output
+    assert "Traceback" not in output

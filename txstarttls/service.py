@@ -332,7 +332,9 @@ def relay_hostname(config: RelayConfig) -> str:
     return name if "." in name else "localhost.localdomain"
 
 
-def _listener_settings(config: RelayConfig) -> tuple[ListenerSettings, Portal | None]:
+def _listener_settings(
+    reactor: IReactorCore, config: RelayConfig
+) -> tuple[ListenerSettings, Portal | None]:
     tls_options = None
     if config["inbound-cert"] is not None:
         try:
@@ -348,9 +350,11 @@ def _listener_settings(config: RelayConfig) -> tuple[ListenerSettings, Portal | 
         tls_options = certificate.options()
     portal = None
     if config["users"] is not None:
-        from twisted.internet import reactor
-
-        portal = make_portal(UsersFileChecker(config["users"], reactor))  # type: ignore[arg-type]
+        try:
+            checker = UsersFileChecker(config["users"], reactor)  # type: ignore[arg-type]
+        except ValueError as error:
+            raise ConfigurationError(f"--users: {error}") from None
+        portal = make_portal(checker)
     try:
         networks = parse_networks(config["allow"])
     except ValueError as error:
@@ -372,7 +376,7 @@ def _listener_settings(config: RelayConfig) -> tuple[ListenerSettings, Portal | 
 def build_relay_service(reactor: IReactorCore, config: RelayConfig) -> MultiService:
     """Everything ``twistd starttls-relay`` runs, checked before it starts."""
     queue = Path(config["queue"])
-    listener_settings, portal = _listener_settings(config)
+    listener_settings, portal = _listener_settings(reactor, config)
     relay = RelayService()  # type: ignore[no-untyped-call]
     try:
         store = FilesystemStore(queue, reactor)  # type: ignore[arg-type]
