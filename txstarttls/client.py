@@ -123,11 +123,17 @@ class _Waiter:
 
     __slots__ = ("deadline", "deferred", "phase", "seconds")
 
-    def __init__(self, phase: Phase, seconds: float, now: float) -> None:
+    def __init__(
+        self,
+        phase: Phase,
+        seconds: float,
+        now: float,
+        canceller: Callable[[Deferred[Reply]], None],
+    ) -> None:
         self.phase = phase
         self.seconds = seconds
         self.deadline = now + seconds
-        self.deferred: Deferred[Reply] = Deferred()
+        self.deferred: Deferred[Reply] = Deferred(canceller)
 
 
 @implementer(IHandshakeListener)
@@ -337,7 +343,7 @@ class ESMTPClient(LineReceiver):
         """The server's greeting, once it has come."""
         if self._greeting is None:
             return fail(ConnectionLost("not connected", phase=Phase.GREETING))
-        result: Deferred[Reply] = Deferred()
+        result: Deferred[Reply] = Deferred(self._cancel)
 
         def relay(value: Reply | None) -> Reply | None:
             if self._greeting_failure is not None:
@@ -570,7 +576,7 @@ class ESMTPClient(LineReceiver):
     def _expect(self, phase: Phase, *, seconds: float | None = None) -> Deferred[Reply]:
         if seconds is None:
             seconds = self._phase_seconds[phase]
-        waiter = _Waiter(phase, seconds, self.clock.seconds())
+        waiter = _Waiter(phase, seconds, self.clock.seconds(), self._cancel)
         self._waiters.append(waiter)
         if len(self._waiters) == 1:
             self._arm(waiter)
@@ -595,6 +601,16 @@ class ESMTPClient(LineReceiver):
         if self._waiters:
             waiter = self._waiters[0]
             self._timed_out(waiter.phase, waiter.seconds)
+
+    def _cancel(self, _: Deferred[Reply]) -> None:
+        """The caller stopped waiting (a service stopping): hang up, so every
+        command fails at once with what is known; OutcomeUnknown after the dot."""
+        if self._waiters:
+            phase: Phase | None = self._waiters[0].phase
+        else:
+            phase = Phase.TLS_HANDSHAKE if self._pending_tls is not None else None
+        waiting = f" for the {phase.value} reply" if phase else ""
+        self._abort(Timeout(f"abandoned while waiting{waiting}", phase=phase))
 
     def _timed_out(self, phase: Phase, seconds: float) -> None:
         self._abort(

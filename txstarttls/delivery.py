@@ -135,8 +135,17 @@ def outcome_of_result(result: SendResult) -> list[RecipientOutcome]:
 
 def _from_recipient_result(result: RecipientResult) -> RecipientOutcome:
     return RecipientOutcome(
-        result.recipient, result.status, result.dsn, str(result.reply)
+        result.recipient,
+        result.status,
+        deferred_dsn(result.dsn) if result.status == "deferred" else result.dsn,
+        str(result.reply),
     )
+
+
+def deferred_dsn(dsn: str) -> str:
+    """A 5.x.x that does not bounce (untrusted, or our AUTH) is reported as
+    4.x.x, as Postfix's soft_bounce does: RFC 3464 delays are never 5.x.x."""
+    return "4" + dsn[1:] if dsn.startswith("5") else dsn
 
 
 def outcome_of_error(
@@ -151,6 +160,8 @@ def outcome_of_error(
         ]
     bounce = error.is_permanent and not isinstance(error, _OUR_FAULT)
     dsn = error.enhanced or ("5.0.0" if bounce else "4.0.0")
+    if not bounce:
+        dsn = deferred_dsn(dsn)
     text = str(error)
     if isinstance(error, OutcomeUnknown):
         text += " (possible duplicate on retry)"
@@ -287,11 +298,17 @@ class QueueRunner(Service):
         if in_flight:
             _log.info("waiting for {n} deliveries in flight", n=len(in_flight))
             waiting = DeferredList(in_flight, consumeErrors=True)
-            timeout = self.clock.callLater(self.settings.stop_timeout, waiting.cancel)
+
+            def abandon() -> None:
+                _log.warn(
+                    "abandoning {n} deliveries in flight; their state is kept",
+                    n=len(self._active),
+                )
+                waiting.cancel()
+
+            timeout = self.clock.callLater(self.settings.stop_timeout, abandon)
             try:
                 await waiting
-            except Exception:
-                _log.warn("abandoning deliveries still in flight; their state is kept")
             finally:
                 if timeout.active():
                     timeout.cancel()
@@ -438,7 +455,7 @@ class QueueRunner(Service):
             except SMTPError as failure:
                 error = failure
                 relay = failure.relay or "none"
-                if failure.phase in SETUP_PHASES:
+                if failure.phase in SETUP_PHASES and not self._stopping:
                     continue
                 return relay, failure, 0.0
             return result.relay, result, result.setup_seconds
