@@ -29,7 +29,6 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.threads import deferToThread
 
-from txstarttls import service
 from txstarttls.delivery import DeliverySettings, QueueRunner
 from txstarttls.operator import (
     EX_CONFIG,
@@ -399,10 +398,6 @@ async def test_flush_with_a_relay_holding_the_queue(
     assert result.returncode == 0
     assert f"the relay on {queue_dir} (pid {os.getpid()})" in result.stdout.decode()
     assert (queue_dir / FLUSH_REQUEST).exists()
-
-
-def test_flush_file_name_is_the_relays() -> None:
-    assert FLUSH_REQUEST == service.FLUSH_REQUEST
 
 
 # -- delete and requeue without a relay ---------------------------------------

@@ -48,6 +48,7 @@ from txstarttls.queue import (
     new_queue_id,
     valid_queue_id,
 )
+from txstarttls.queue.writer import BatchWriter
 
 ensure_deferred: Callable[
     [Callable[..., Coroutine[Any, Any, None]]], Callable[..., Coroutine[Any, Any, None]]
@@ -118,15 +119,15 @@ class Gate:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
-        real = getattr(FilesystemStore, method)
+        real = getattr(BatchWriter, method)
 
-        def held(store: FilesystemStore, batch: Any) -> Any:
+        def held(writer: BatchWriter, batch: Any) -> Any:
             if not self.entered.is_set():
                 self.entered.set()
                 self.release.wait(10)
-            return real(store, batch)
+            return real(writer, batch)
 
-        monkeypatch.setattr(FilesystemStore, method, held)
+        monkeypatch.setattr(BatchWriter, method, held)
 
     def wait(self) -> None:
         assert self.entered.wait(10), "the writer never started a batch"

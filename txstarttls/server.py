@@ -41,12 +41,14 @@ Choices where the RFCs leave room:
   cancelled exchanges do not, as no credential was tried;
 * on shutdown a message the store is already writing is durable, so it is
   answered 250 before the 421; a message still arriving is never answered.
+
+The session lives here; the rules for MAIL and RCPT arguments are in
+:mod:`txstarttls.smtp_arguments` and the SASL exchange is in
+:mod:`txstarttls.sasl_server`, both pure.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,16 +77,13 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txstarttls.address import needs_smtputf8, validate_address
 from txstarttls.data import MAX_LINE_OCTETS, DataDecoder
-from txstarttls.errors import InvalidAddress
 from txstarttls.metrics import NullMetrics, RelayMetrics
 from txstarttls.policy import (
     DEFAULT_ALLOWED_NETWORKS,
     Network,
     client_allowed,
     relay_decision,
-    strip_source_route,
 )
 from txstarttls.queue import (
     IMessageStore,
@@ -95,6 +94,22 @@ from txstarttls.queue import (
 )
 from txstarttls.received import TLSDetails, received_header, transmission_type
 from txstarttls.reply import sanitise
+from txstarttls.sasl_server import (
+    MECHANISMS,
+    Challenge,
+    Rejected,
+    SaslExchange,
+    shown_username,
+)
+from txstarttls.smtp_arguments import (
+    Refusal,
+    mail_parameters,
+    mail_path,
+    rcpt_parameters,
+    rcpt_path,
+    recipient_address,
+    sender_address,
+)
 from txstarttls.userdb import IRelayUser
 
 __all__ = ["DEFAULT_MAX_SIZE", "ListenerSettings", "RelayServer", "RelayServerFactory"]
@@ -104,25 +119,14 @@ log = Logger()
 # Postfix's message_size_limit.
 DEFAULT_MAX_SIZE = 10_240_000
 _MAX_HELO = 255
-_MAX_ENVID = 100
-_MAX_ORCPT = 500
-_SHOWN_USER = 64
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_MAIL_ARGUMENT = re.compile(r"FROM:[ ]*<([^<>]*)>(.*)", re.IGNORECASE | re.DOTALL)
-_RCPT_ARGUMENT = re.compile(r"TO:[ ]*<([^<>]*)>(.*)", re.IGNORECASE | re.DOTALL)
-_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-# RFC 3461 section 4: xtext, "+" only as the start of an uppercase hex pair.
-_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
-_ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-_NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 # RFC 2920 section 3.1: commands that must end a pipelined group.
 _LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "NOOP", "VRFY"})
 # Browsers and proxies tricked into talking to us (cross-protocol attacks).
 _FOREIGN_COMMANDS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT"})
 _HELP_TEXT = "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH"
-_LOGIN_PROMPTS = (b"Username:", b"Password:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,16 +163,6 @@ class ListenerSettings:
             raise ValueError("max_auth_failures >= 1 and greet_pause >= 0 required")
 
 
-class _Refusal(Exception):
-    """A command is refused with this reply; raised by the parsers below."""
-
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
-        super().__init__(f"{code} {enhanced} {text}")
-        self.code = code
-        self.enhanced = enhanced
-        self.text = text
-
-
 @dataclass(slots=True)
 class _Transaction:
     """The envelope collected between MAIL and the end of DATA."""
@@ -180,42 +174,6 @@ class _Transaction:
     recipients: list[RecipientState] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _SaslExchange:
-    """An AUTH in progress: which mechanism, and what LOGIN has said so far."""
-
-    mechanism: str
-    username: bytes | None = None
-
-
-def _parameters(text: str) -> list[tuple[str, str | None]]:
-    """Split ``KEY=value KEY`` into pairs; 501 on junk or repeats."""
-    pairs: list[tuple[str, str | None]] = []
-    seen: set[str] = set()
-    for word in text.split(" "):
-        if not word:
-            continue
-        keyword, equals, value = word.partition("=")
-        if _KEYWORD.fullmatch(keyword) is None or (equals and not value):
-            raise _Refusal(501, "5.5.4", "Syntax error in parameters")
-        keyword = keyword.upper()
-        if keyword in seen:
-            raise _Refusal(501, "5.5.4", f"Duplicate parameter {keyword}")
-        seen.add(keyword)
-        pairs.append((keyword, value if equals else None))
-    return pairs
-
-
-def _unsupported(keyword: str) -> _Refusal:
-    return _Refusal(555, "5.5.4", f"Unsupported parameter {keyword}")
-
-
-def _require_value(keyword: str, value: str | None) -> str:
-    if value is None:
-        raise _Refusal(501, "5.5.4", f"{keyword} needs a value")
-    return value
-
-
 def _peer_ip(address: IAddress) -> str | None:
     if isinstance(address, IPv4Address | IPv6Address):
         return address.host
@@ -224,11 +182,6 @@ def _peer_ip(address: IAddress) -> str | None:
 
 def _label(ip: str | None) -> str:
     return "[unix]" if ip is None else f"[{ip}]"
-
-
-def _show_user(name: bytes) -> str:
-    text = sanitise(name[: _SHOWN_USER * 4])
-    return text[:_SHOWN_USER] + ("..." if len(text) > _SHOWN_USER else "")
 
 
 @implementer(IHandshakeListener)
@@ -249,7 +202,7 @@ class RelayServer(LineReceiver):
         self._esmtp = False
         self._auth_user: str | None = None
         self._auth_failures = 0
-        self._sasl: _SaslExchange | None = None
+        self._sasl: SaslExchange | None = None
         self._transaction: _Transaction | None = None
         self._decoder: DataDecoder | None = None
         self._chunks: list[bytes] = []
@@ -547,7 +500,7 @@ class RelayServer(LineReceiver):
             return
         try:
             handler(argument)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             self._reply(refusal.code, refusal.enhanced, refusal.text)
         except Exception:
             log.failure(
@@ -668,7 +621,7 @@ class RelayServer(LineReceiver):
         if self._starttls_offered:
             lines.append("STARTTLS")
         if self._auth_offered:
-            lines.append("AUTH PLAIN LOGIN")
+            lines.append("AUTH " + " ".join(MECHANISMS))
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
         # RFC 2034: EHLO replies carry no enhanced status codes.
         self._write_lines(250, lines)
@@ -680,30 +633,24 @@ class RelayServer(LineReceiver):
 
     def _greeting_argument(self, argument: str, verb: str) -> None:
         if not argument or len(argument) > _MAX_HELO:
-            raise _Refusal(501, "5.5.4", f"Syntax: {verb} hostname")
+            raise Refusal(501, "5.5.4", f"Syntax: {verb} hostname")
         # RFC 5321 section 4.1.4: EHLO and HELO also reset the transaction.
         self._reset_transaction()
         self._helo = argument
 
     def _mail(self, argument: str) -> None:
         if self._helo is None:
-            raise _Refusal(503, "5.5.1", "Error: send HELO/EHLO first")
+            raise Refusal(503, "5.5.1", "Error: send HELO/EHLO first")
         if self._transaction is not None:
-            raise _Refusal(503, "5.5.1", "Error: nested MAIL command")
-        match = _MAIL_ARGUMENT.fullmatch(argument)
-        if match is None:
-            raise _Refusal(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-        path, rest = match.group(1), match.group(2)
-        if rest and not rest.startswith(" "):
-            raise _Refusal(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-        parameters, smtputf8 = self._mail_parameters(rest)
-        sender = strip_source_route(path)
-        try:
-            validate_address(sender, allow_null=True)
-        except InvalidAddress:
-            raise _Refusal(501, "5.1.7", "Bad sender address syntax") from None
-        if needs_smtputf8(sender) and not smtputf8:
-            raise _Refusal(553, "5.6.7", "Non-ASCII address needs MAIL SMTPUTF8")
+            raise Refusal(503, "5.5.1", "Error: nested MAIL command")
+        path, rest = mail_path(argument)
+        parameters, smtputf8 = mail_parameters(
+            rest,
+            esmtp=self._esmtp,
+            max_size=self._settings.max_size,
+            auth_offered=self._auth_offered,
+        )
+        sender = sender_address(path, smtputf8=smtputf8)
         queue_id = self.factory.new_queue_id()
         self._transaction = _Transaction(queue_id, sender, parameters, smtputf8)
         if self._auth_user is not None:
@@ -719,60 +666,11 @@ class RelayServer(LineReceiver):
             )
         self._reply(250, "2.1.0", "Ok")
 
-    def _mail_parameters(self, text: str) -> tuple[tuple[str, ...], bool]:
-        """Check MAIL parameters; keep BODY, SMTPUTF8 and the DSN ones."""
-        pairs = _parameters(text)
-        if pairs and not self._esmtp:
-            raise _Refusal(555, "5.5.4", "Parameters need EHLO, not HELO")
-        kept: list[str] = []
-        smtputf8 = False
-        for keyword, value in pairs:
-            if keyword == "SIZE":
-                size = _require_value(keyword, value)
-                if not size.isdigit() or len(size) > 20:
-                    raise _Refusal(501, "5.5.4", "Bad SIZE value")
-                if int(size) > self._settings.max_size:
-                    raise _Refusal(
-                        552, "5.3.4", "Message size exceeds fixed maximum size"
-                    )
-            elif keyword == "BODY":
-                body = _require_value(keyword, value).upper()
-                if body not in ("7BIT", "8BITMIME"):
-                    raise _Refusal(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
-                kept.append(f"BODY={body}")
-            elif keyword == "SMTPUTF8":
-                if value is not None:
-                    raise _Refusal(501, "5.5.4", "SMTPUTF8 takes no value")
-                smtputf8 = True
-                kept.append("SMTPUTF8")
-            elif keyword == "RET":
-                ret = _require_value(keyword, value).upper()
-                if ret not in ("FULL", "HDRS"):
-                    raise _Refusal(501, "5.5.4", "RET must be FULL or HDRS")
-                kept.append(f"RET={ret}")
-            elif keyword == "ENVID":
-                envid = _require_value(keyword, value)
-                if len(envid) > _MAX_ENVID or _XTEXT.fullmatch(envid) is None:
-                    raise _Refusal(501, "5.5.4", "ENVID must be xtext (RFC 3461)")
-                kept.append(f"ENVID={envid}")
-            elif keyword == "AUTH" and self._auth_offered:
-                # RFC 4954 section 5: accepted, but never passed on.
-                if value is None or _XTEXT.fullmatch(value) is None:
-                    raise _Refusal(501, "5.5.4", "AUTH must be xtext")
-            else:
-                raise _unsupported(keyword)
-        return tuple(kept), smtputf8
-
     def _rcpt(self, argument: str) -> None:
         transaction = self._transaction
         if transaction is None:
-            raise _Refusal(503, "5.5.1", "Error: need MAIL command")
-        match = _RCPT_ARGUMENT.fullmatch(argument)
-        if match is None:
-            raise _Refusal(501, "5.5.4", "Syntax: RCPT TO:<address>")
-        path, rest = match.group(1), match.group(2)
-        if rest and not rest.startswith(" "):
-            raise _Refusal(501, "5.5.4", "Syntax: RCPT TO:<address>")
+            raise Refusal(503, "5.5.1", "Error: need MAIL command")
+        path, rest = rcpt_path(argument)
         decision = relay_decision(
             client_trusted=self._trusted,
             authenticated=self._auth_user is not None,
@@ -785,58 +683,28 @@ class RelayServer(LineReceiver):
                 client=self._label,
                 reason=decision.reason,
             )
-            raise _Refusal(554, "5.7.1", "Relay access denied")
+            raise Refusal(554, "5.7.1", "Relay access denied")
         if len(transaction.recipients) >= self._settings.max_recipients:
-            raise _Refusal(452, "4.5.3", "Too many recipients")
-        recipient = strip_source_route(path)
-        try:
-            validate_address(recipient)
-        except InvalidAddress:
-            raise _Refusal(501, "5.1.3", "Bad recipient address syntax") from None
-        if needs_smtputf8(recipient) and not transaction.smtputf8:
-            raise _Refusal(553, "5.6.7", "Non-ASCII address needs MAIL SMTPUTF8")
-        notify, orcpt = self._rcpt_parameters(rest, transaction.smtputf8)
+            raise Refusal(452, "4.5.3", "Too many recipients")
+        recipient = recipient_address(path, smtputf8=transaction.smtputf8)
+        notify, orcpt = rcpt_parameters(
+            rest, esmtp=self._esmtp, smtputf8=transaction.smtputf8
+        )
         if all(r.address != recipient for r in transaction.recipients):
             transaction.recipients.append(
                 RecipientState(recipient, notify=notify, orcpt=orcpt)
             )
         self._reply(250, "2.1.5", "Ok")
 
-    def _rcpt_parameters(
-        self, text: str, smtputf8: bool
-    ) -> tuple[str | None, str | None]:
-        """RFC 3461 NOTIFY and ORCPT; anything else is refused."""
-        pairs = _parameters(text)
-        if pairs and not self._esmtp:
-            raise _Refusal(555, "5.5.4", "Parameters need EHLO, not HELO")
-        notify: str | None = None
-        orcpt: str | None = None
-        for keyword, value in pairs:
-            if keyword == "NOTIFY":
-                words = tuple(_require_value(keyword, value).upper().split(","))
-                never = words == ("NEVER",)
-                if not never and (
-                    not set(words) <= _NOTIFY_VALUES or len(set(words)) != len(words)
-                ):
-                    raise _Refusal(501, "5.5.4", "Bad NOTIFY value")
-                notify = ",".join(words)
-            elif keyword == "ORCPT":
-                orcpt = _require_value(keyword, value)
-                if not _valid_orcpt(orcpt, smtputf8):
-                    raise _Refusal(501, "5.5.4", "Bad ORCPT value")
-            else:
-                raise _unsupported(keyword)
-        return notify, orcpt
-
     def _data(self, argument: str) -> None:
         if argument:
-            raise _Refusal(501, "5.5.4", "Syntax: DATA (no parameters)")
+            raise Refusal(501, "5.5.4", "Syntax: DATA (no parameters)")
         transaction = self._transaction
         if transaction is None:
-            raise _Refusal(503, "5.5.1", "Error: need MAIL command")
+            raise Refusal(503, "5.5.1", "Error: need MAIL command")
         if not transaction.recipients:
             # RFC 2920 section 3.1: DATA after all RCPTs failed.
-            raise _Refusal(554, "5.5.1", "Error: no valid recipients")
+            raise Refusal(554, "5.5.1", "Error: no valid recipients")
         self._decoder = DataDecoder(
             bare_line_endings=self._settings.bare_line_endings,
             max_line_octets=MAX_LINE_OCTETS,
@@ -992,7 +860,7 @@ class RelayServer(LineReceiver):
 
     def _vrfy(self, argument: str) -> None:
         if not argument:
-            raise _Refusal(501, "5.5.4", "Syntax: VRFY address")
+            raise Refusal(501, "5.5.4", "Syntax: VRFY address")
         self._reply(
             252,
             "2.5.0",
@@ -1004,13 +872,13 @@ class RelayServer(LineReceiver):
 
     def _starttls(self, argument: str) -> None:
         if self._tls:
-            raise _Refusal(503, "5.5.1", "Error: TLS already active")
+            raise Refusal(503, "5.5.1", "Error: TLS already active")
         options = self._settings.tls_options
         transport = self.transport
         if options is None or not ITLSTransport.providedBy(transport):
-            raise _Refusal(454, "4.7.0", "TLS not available")
+            raise Refusal(454, "4.7.0", "TLS not available")
         if argument:
-            raise _Refusal(501, "5.5.4", "Syntax: STARTTLS (no parameters)")
+            raise Refusal(501, "5.5.4", "Syntax: STARTTLS (no parameters)")
         self._reply(220, "2.0.0", "Ready to start TLS")
         # CVE-2011-0411: whatever the client sent behind STARTTLS was sent
         # in plaintext and may be an attacker's; it never runs.
@@ -1030,64 +898,47 @@ class RelayServer(LineReceiver):
 
     def _auth(self, argument: str) -> None:
         if self.factory.portal is None:
-            raise _Refusal(503, "5.5.1", "Error: authentication not enabled")
+            raise Refusal(503, "5.5.1", "Error: authentication not enabled")
         if not self._tls:
             # SECURITY-CASES 19: the argument is neither looked at nor logged.
-            raise _Refusal(530, "5.7.0", "Must issue a STARTTLS command first")
+            raise Refusal(530, "5.7.0", "Must issue a STARTTLS command first")
         if not self._esmtp:
-            raise _Refusal(503, "5.5.1", "Error: send EHLO first")
+            raise Refusal(503, "5.5.1", "Error: send EHLO first")
         if self._auth_user is not None:
-            raise _Refusal(503, "5.5.1", "Error: already authenticated")
+            raise Refusal(503, "5.5.1", "Error: already authenticated")
         if self._transaction is not None:
-            raise _Refusal(503, "5.5.1", "Error: MAIL transaction in progress")
+            raise Refusal(503, "5.5.1", "Error: MAIL transaction in progress")
         words = argument.split()
         if not words or len(words) > 2:
-            raise _Refusal(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            raise Refusal(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
         mechanism = words[0].upper()
-        if mechanism not in ("PLAIN", "LOGIN"):
-            raise _Refusal(504, "5.5.4", "Unsupported authentication mechanism")
-        self._sasl = _SaslExchange(mechanism)
+        if mechanism not in MECHANISMS:
+            raise Refusal(504, "5.5.4", "Unsupported authentication mechanism")
+        self._sasl = SaslExchange(mechanism)
         if len(words) == 2:
             # RFC 4954 section 4: "=" is an empty initial response.
             initial = b"" if words[1] == "=" else words[1].encode("ascii")
             self._sasl_response(initial, initial=True)
-        elif mechanism == "PLAIN":
-            self._write_lines(334, [""])
         else:
-            self._write_lines(334, [base64.b64encode(_LOGIN_PROMPTS[0]).decode()])
+            self._write_lines(334, [self._sasl.start().text])
 
     def _sasl_response(self, line: bytes, *, initial: bool = False) -> None:
         exchange = self._sasl
         assert exchange is not None
-        if line == b"*" and not initial:
-            self._sasl = None
-            self._reply(501, "5.0.0", "Authentication cancelled")
-            return
         try:
-            decoded = base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
+            outcome = exchange.respond(line, initial=initial)
+        except Refusal as refusal:
             self._sasl = None
-            self._reply(501, "5.5.2", "Cannot decode response")
+            self._reply(refusal.code, refusal.enhanced, refusal.text)
             return
-        if exchange.mechanism == "LOGIN":
-            if exchange.username is None:
-                exchange.username = decoded
-                self._write_lines(334, [base64.b64encode(_LOGIN_PROMPTS[1]).decode()])
-                return
-            self._sasl = None
-            self._check_credentials("LOGIN", exchange.username, decoded)
+        if isinstance(outcome, Challenge):
+            self._write_lines(334, [outcome.text])
             return
         self._sasl = None
-        parts = decoded.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
-            self._reply(501, "5.5.2", "Invalid PLAIN response")
+        if isinstance(outcome, Rejected):
+            self._auth_failed(outcome.mechanism, outcome.username)
             return
-        authzid, username, password = parts
-        if authzid and authzid != username:
-            # Acting as someone else (RFC 4616 authzid) is not supported.
-            self._auth_failed("PLAIN", username)
-            return
-        self._check_credentials("PLAIN", username, password)
+        self._check_credentials(outcome.mechanism, outcome.username, outcome.password)
 
     def _check_credentials(
         self, mechanism: str, username: bytes, password: bytes
@@ -1140,7 +991,7 @@ class RelayServer(LineReceiver):
             "{client}: SASL {mechanism} authentication failed, sasl_username={user}",
             client=self._label,
             mechanism=mechanism,
-            user=_show_user(username),
+            user=shown_username(username),
         )
         self._pause()
         self._auth_delay_call = self._clock.callLater(
@@ -1157,24 +1008,6 @@ class RelayServer(LineReceiver):
             return
         self._reply(535, "5.7.8", "Authentication credentials invalid")
         self._resume()
-
-
-def _valid_orcpt(value: str, smtputf8: bool) -> bool:
-    """RFC 3461 section 4.2 ``addr-type ; xtext`` (RFC 6533 unitext for utf-8)."""
-    if len(value) > _MAX_ORCPT:
-        return False
-    addr_type, semicolon, address = value.partition(";")
-    if not semicolon or not address or _ADDR_TYPE.fullmatch(addr_type) is None:
-        return False
-    if _XTEXT.fullmatch(address) is not None:
-        return True
-    return (
-        smtputf8
-        and addr_type.lower() == "utf-8"
-        and address.isprintable()
-        and " " not in address
-        and "=" not in address
-    )
 
 
 class RelayServerFactory(ServerFactory):

@@ -5,17 +5,8 @@ because that server runs commands pipelined behind STARTTLS and is too
 lenient to catch a client's mistakes. This one answers every command with an
 enhanced status code (RFC 2034: except the greeting and replies to
 EHLO/HELO; 334 and 354 carry none either), resets the session after TLS
-(RFC 3207), and records exactly what it received.
-
-Failures are scripted per command through :class:`ServerScript`::
-
-    factory.script.reply_to("RCPT", "550 5.1.1 No such user",
-                            match=lambda arg: "bad@" in arg)
-    factory.script.reply_to("MAIL", "421 4.3.0 go away", then_close=True)
-    factory.script.reply_to("DATA_END", "451 4.3.0 try later", times=1)
-    factory.script.disconnect_at("DATA_END")
-    factory.script.raw_reply_to("STARTTLS", b"220 Ready\\r\\n250 AUTH PLAIN\\r\\n",
-                                start_tls=True)
+(RFC 3207), and records exactly what it received (:mod:`._records`).
+Misbehaviour is scripted per command (:mod:`._script`).
 
 The same factory serves a real loopback port (:func:`start_test_server`) or
 an in-memory connection (``factory.buildProtocol(address)`` with
@@ -26,68 +17,45 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import itertools
-import ssl
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, TypedDict, Unpack
+from typing import TypedDict
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
     IHandshakeListener,
-    IListeningPort,
-    IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
-    IReactorCore,
 )
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    optionsForClientTLS,
-    trustRootFromCertificates,
-)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txstarttls.testing._ca import CertificateAuthority, IssuedCertificate
+from txstarttls.testing._records import (
+    REDACTED,
+    Direction,
+    ReceivedMessage,
+    SessionLog,
+)
+from txstarttls.testing._sasl import SaslDialogue, start_dialogue
+from txstarttls.testing._script import ScriptRule, ServerScript, reply_bytes
 
 __all__ = [
-    "ReceivedMessage",
-    "RunningServer",
-    "ScriptRule",
     "ScriptedSMTPServer",
     "ScriptedSMTPServerFactory",
     "ServerKnobs",
-    "ServerScript",
     "SessionKnobs",
-    "SessionLog",
-    "TestMailServer",
-    "listen_test_server",
-    "server_tls_options",
-    "start_test_server",
 ]
 
 log = Logger()
 
-Direction = Literal["C", "S"]
-"""Who sent a transcript entry: the client or the server."""
-
 DEFAULT_HOSTNAME = "mx.test.example"
 DEFAULT_MAX_SIZE = 10 * 1024 * 1024
-DEFAULT_ENDPOINT = "tcp:0:interface=127.0.0.1"
-REDACTED = b"[redacted]"
 
 # RFC 4954 allows 12288 octets for an AUTH line; commands stay well under it.
 _COMMAND_LINE_LIMIT = 16384
@@ -96,234 +64,6 @@ _COMMAND_LINE_LIMIT = 16384
 _DATA_LINE_LIMIT = 1024 * 1024
 
 _NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "BDAT", "ATRN"})
-_XOAUTH2_ERROR = b'{"status":"401","schemes":"bearer","scope":"https://mail.test/"}'
-_OAUTHBEARER_ERROR = b'{"status":"invalid_token","schemes":"bearer","scope":""}'
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedMessage:
-    """One message the server accepted, with the session facts around it.
-
-    ``data`` is the content after dot-unstuffing, every line ending in CRLF:
-    byte for byte what the client meant to send. A bare CR or LF is kept as
-    received (and never ends DATA), so smuggling tests can see it.
-    """
-
-    sender: str
-    recipients: tuple[str, ...]
-    data: bytes
-    tls: bool
-    tls_version: str | None
-    authenticated_as: str | None
-    helo: str | None
-    queue_id: str
-    mail_options: tuple[str, ...] = ()
-    recipient_options: tuple[tuple[str, ...], ...] = ()
-    session: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class SessionLog:
-    """What happened on one connection: grows while the connection lives.
-
-    AUTH payloads appear as ``[redacted]`` in the transcript.
-    ``discarded_after_starttls`` holds bytes the client pipelined behind
-    STARTTLS, which the server threw away (CVE-2011-0411).
-    """
-
-    number: int
-    peer: str
-    transcript: list[tuple[Direction, bytes]] = field(default_factory=list)
-    tls: bool = False
-    discarded_after_starttls: bytes = b""
-    closed: bool = False
-    _waiters: list[Deferred[SessionLog]] = field(
-        default_factory=list, init=False, repr=False
-    )
-
-    def client_bytes(self) -> bytes:
-        """Everything the client sent, joined (AUTH redacted)."""
-        return b"".join(data for who, data in self.transcript if who == "C")
-
-    def server_bytes(self) -> bytes:
-        """Everything the server sent, joined."""
-        return b"".join(data for who, data in self.transcript if who == "S")
-
-    def text(self) -> str:
-        """The transcript as ``C: ...``/``S: ...`` lines, for failure messages."""
-        lines: list[str] = []
-        for who, data in self.transcript:
-            for line in data.decode("utf-8", "replace").splitlines():
-                lines.append(f"{who}: {line}")
-        return "\n".join(lines)
-
-    def when_closed(self) -> Deferred[SessionLog]:
-        """A Deferred that fires with this log once the connection is gone."""
-        if self.closed:
-            return defer.succeed(self)
-        waiter: Deferred[SessionLog] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
-
-    def _close(self) -> None:
-        self.closed = True
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(self)
-
-
-@dataclass(slots=True, eq=False)
-class ScriptRule:
-    """One scripted behaviour; ``hits`` counts how often it fired."""
-
-    command: str
-    data: bytes
-    match: Callable[[str], bool] | None = None
-    times: int | None = None
-    start_tls: bool = False
-    close: bool = False
-    abort: bool = False
-    hits: int = 0
-
-    def _applies(self, command: str, argument: str) -> bool:
-        if self.command != command or self.times == 0:
-            return False
-        return self.match is None or self.match(argument)
-
-
-def _command_name(command: str) -> str:
-    name = command.strip().upper()
-    if not name or " " in name:
-        raise ValueError(f"not a command name: {command!r}")
-    return name
-
-
-def _reply_bytes(reply: str) -> bytes:
-    lines = reply.replace("\r\n", "\n").strip("\n").split("\n")
-    return "".join(line + "\r\n" for line in lines).encode("utf-8")
-
-
-class ServerScript:
-    """Per-command overrides that make the server misbehave on purpose.
-
-    Commands are SMTP verbs (``"MAIL"``, ``"RCPT"``, ``"STARTTLS"``, any
-    unknown verb too) plus two pseudo-commands: ``"CONNECT"`` (instead of
-    the greeting) and ``"DATA_END"`` (the reply to the final dot; ``match``
-    then sees the message content). A rule fires instead of the normal
-    handling and never changes the session state, except that after
-    ``DATA_END`` the transaction is over, and ``start_tls`` starts TLS with
-    the usual buffer discard and session reset. The first rule that applies
-    wins; ``match`` sees the command's argument text; ``times=None`` means
-    for ever. ``raw_reply_to(command, b"")`` stalls: no reply at all.
-    """
-
-    def __init__(self) -> None:
-        self.rules: list[ScriptRule] = []
-        self.pre_tls_extensions: tuple[str, ...] | None = None
-        self.post_tls_extensions: tuple[str, ...] | None = None
-
-    def reply_to(
-        self,
-        command: str,
-        reply: str,
-        *,
-        match: Callable[[str], bool] | None = None,
-        times: int | None = None,
-        then_close: bool = False,
-    ) -> ScriptRule:
-        """Answer ``command`` with ``reply`` (lines split on newlines)."""
-        return self._add(
-            ScriptRule(
-                _command_name(command),
-                _reply_bytes(reply),
-                match=match,
-                times=times,
-                close=then_close,
-            )
-        )
-
-    def raw_reply_to(
-        self,
-        command: str,
-        data: bytes,
-        *,
-        match: Callable[[str], bool] | None = None,
-        times: int | None = None,
-        start_tls: bool = False,
-        close: bool = False,
-    ) -> ScriptRule:
-        """Answer ``command`` with ``data`` in one write, then maybe start TLS
-        or close: the tool for hostile-server tests (injection, bad syntax)."""
-        return self._add(
-            ScriptRule(
-                _command_name(command),
-                data,
-                match=match,
-                times=times,
-                start_tls=start_tls,
-                close=close,
-            )
-        )
-
-    def disconnect_at(
-        self,
-        command: str,
-        *,
-        match: Callable[[str], bool] | None = None,
-        times: int | None = None,
-        abort: bool = False,
-    ) -> ScriptRule:
-        """Close without replying (``abort`` resets instead of closing)."""
-        return self._add(
-            ScriptRule(
-                _command_name(command),
-                b"",
-                match=match,
-                times=times,
-                close=not abort,
-                abort=abort,
-            )
-        )
-
-    def raw_greeting(self, data: bytes, *, close: bool = False) -> ScriptRule:
-        """Send ``data`` instead of the 220 greeting."""
-        return self.raw_reply_to("CONNECT", data, close=close)
-
-    def ehlo_extensions(
-        self,
-        *,
-        pre_tls: Sequence[str] | None = None,
-        post_tls: Sequence[str] | None = None,
-    ) -> None:
-        """Replace what EHLO advertises before and/or after TLS.
-
-        Only the advertisement changes: commands behave as configured, so a
-        server can, say, hide STARTTLS and still accept it.
-        """
-        if pre_tls is not None:
-            self.pre_tls_extensions = tuple(pre_tls)
-        if post_tls is not None:
-            self.post_tls_extensions = tuple(post_tls)
-
-    def clear(self) -> None:
-        """Forget every rule and extension override."""
-        self.rules.clear()
-        self.pre_tls_extensions = None
-        self.post_tls_extensions = None
-
-    def take(self, command: str, argument: str) -> ScriptRule | None:
-        """The rule to apply to this command, counted as used; or None."""
-        for rule in self.rules:
-            if rule._applies(command, argument):
-                rule.hits += 1
-                if rule.times is not None:
-                    rule.times -= 1
-                return rule
-        return None
-
-    def _add(self, rule: ScriptRule) -> ScriptRule:
-        self.rules.append(rule)
-        return rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,88 +129,6 @@ class _Reject(Exception):
         self.reply = reply
 
 
-# -- SASL, server side --------------------------------------------------------
-# Each mechanism is a generator: it yields challenges, receives the client's
-# decoded responses, and returns the authenticated user or None.
-
-_SASL = Generator[bytes, bytes, str | None]
-
-
-def _matches(expected: str | None, given: str) -> bool:
-    return expected is not None and hmac.compare_digest(
-        expected.encode("utf-8"), given.encode("utf-8")
-    )
-
-
-def _sasl_plain(initial: bytes | None, users: Mapping[str, str]) -> _SASL:
-    response = initial if initial is not None else (yield b"")
-    parts = response.split(b"\0")
-    if len(parts) != 3:
-        return None
-    try:
-        authzid, authcid, password = (part.decode("utf-8") for part in parts)
-    except UnicodeDecodeError:
-        return None
-    if authzid and authzid != authcid:
-        return None
-    return authcid if _matches(users.get(authcid), password) else None
-
-
-def _sasl_login(initial: bytes | None, users: Mapping[str, str]) -> _SASL:
-    username = initial if initial is not None else (yield b"Username:")
-    password = yield b"Password:"
-    try:
-        user, secret = username.decode("utf-8"), password.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return user if _matches(users.get(user), secret) else None
-
-
-def _bearer_fields(payload: bytes) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for item in payload.decode("utf-8", "replace").split("\x01"):
-        key, sep, value = item.partition("=")
-        if sep:
-            fields[key] = value
-    return fields
-
-
-def _bearer_token(fields: Mapping[str, str]) -> str | None:
-    auth = fields.get("auth", "")
-    scheme, _, token = auth.partition(" ")
-    return token if scheme.lower() == "bearer" and token else None
-
-
-def _sasl_xoauth2(initial: bytes | None, tokens: Mapping[str, str]) -> _SASL:
-    response = initial if initial is not None else (yield b"")
-    fields = _bearer_fields(response)
-    user = fields.get("user", "")
-    token = _bearer_token(fields)
-    if token is not None and _matches(tokens.get(user), token):
-        return user
-    # Google's dialogue: an error challenge, an empty response, then 535.
-    yield _XOAUTH2_ERROR
-    return None
-
-
-def _sasl_oauthbearer(initial: bytes | None, tokens: Mapping[str, str]) -> _SASL:
-    response = initial if initial is not None else (yield b"")
-    # RFC 7628: gs2 header "n,a=user," then \x01-separated key=value pairs.
-    header, _, rest = response.partition(b"\x01")
-    user = ""
-    for part in header.decode("utf-8", "replace").split(","):
-        if part.startswith("a="):
-            user = part[2:].replace("=2C", ",").replace("=3D", "=")
-    token = _bearer_token(_bearer_fields(rest))
-    if token is not None:
-        if not user:
-            user = next((u for u, t in tokens.items() if _matches(t, token)), "")
-        if _matches(tokens.get(user), token):
-            return user
-    yield _OAUTHBEARER_ERROR
-    return None
-
-
 # -- envelope parsing ---------------------------------------------------------
 
 
@@ -522,7 +180,7 @@ class ScriptedSMTPServer(LineReceiver):
         self.helo: str | None = None
         self.esmtp = False
         self.authenticated_as: str | None = None
-        self._auth: _SASL | None = None
+        self._auth: SaslDialogue | None = None
         self._reset_transaction()
 
     # -- connection events ----------------------------------------------------
@@ -672,14 +330,10 @@ class ScriptedSMTPServer(LineReceiver):
             initial = self._decode_sasl(initial_text.encode("ascii", "replace"))
             if initial is None:
                 return
-        exchanges: dict[str, Callable[[bytes | None], _SASL]] = {
-            "PLAIN": lambda i: _sasl_plain(i, settings.users),
-            "LOGIN": lambda i: _sasl_login(i, settings.users),
-            "XOAUTH2": lambda i: _sasl_xoauth2(i, settings.tokens),
-            "OAUTHBEARER": lambda i: _sasl_oauthbearer(i, settings.tokens),
-        }
         self._auth_mechanism = mechanism
-        self._auth = exchanges[mechanism](initial)
+        self._auth = start_dialogue(
+            mechanism, initial, users=settings.users, tokens=settings.tokens
+        )
         self._auth_step(lambda exchange: next(exchange))
 
     def _smtp_mail(self, argument: str) -> None:
@@ -797,7 +451,7 @@ class ScriptedSMTPServer(LineReceiver):
         if response is not None:
             self._auth_step(lambda exchange: exchange.send(response))
 
-    def _auth_step(self, advance: Callable[[_SASL], bytes]) -> None:
+    def _auth_step(self, advance: Callable[[SaslDialogue], bytes]) -> None:
         exchange = self._auth
         if exchange is None:
             return
@@ -955,7 +609,7 @@ class ScriptedSMTPServer(LineReceiver):
             self._lose()
 
     def _send(self, reply: str) -> None:
-        self._send_raw(_reply_bytes(reply))
+        self._send_raw(reply_bytes(reply))
 
     def _send_raw(self, data: bytes) -> None:
         self._record("S", data)
@@ -1063,149 +717,3 @@ class ScriptedSMTPServerFactory(Factory[ScriptedSMTPServer]):
         ]
         for count, waiter in ready:
             waiter.callback(self.messages[:count])
-
-
-# -- running on a real port ---------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RunningServer:
-    """A factory listening on a port; ``stop()`` also drops open sessions."""
-
-    host: str
-    port: int
-    factory: ScriptedSMTPServerFactory
-    listening_port: IListeningPort
-
-    def stop(self) -> Deferred[None]:
-        """Stop listening and abort live sessions; fires when all are gone."""
-        stopped: list[Deferred[object]] = [
-            defer.maybeDeferred(self.listening_port.stopListening)
-        ]
-        for protocol in list(self.factory.live):
-            closed = protocol.session.when_closed()
-            protocol._abort()
-            stopped.append(closed.addCallback(lambda _: None))
-        done = defer.gatherResults(stopped, consumeErrors=True)
-        return done.addCallback(lambda _: None)
-
-
-def listen_test_server(
-    reactor: IReactorCore,
-    factory: ScriptedSMTPServerFactory,
-    endpoint_description: str = DEFAULT_ENDPOINT,
-) -> Deferred[RunningServer]:
-    """Listen with an existing factory on ``endpoint_description``."""
-    endpoint = serverFromString(reactor, endpoint_description)  # type: ignore[no-untyped-call]
-
-    def started(port: IListeningPort) -> RunningServer:
-        address = port.getHost()
-        return RunningServer(
-            host=getattr(address, "host", ""),
-            port=getattr(address, "port", 0),
-            factory=factory,
-            listening_port=port,
-        )
-
-    listening: Deferred[IListeningPort] = endpoint.listen(factory)
-    return listening.addCallback(started)
-
-
-def start_test_server(
-    reactor: IReactorCore,
-    endpoint_description: str = DEFAULT_ENDPOINT,
-    **knobs: Unpack[ServerKnobs],
-) -> Deferred[RunningServer]:
-    """Listen on ``endpoint_description`` (default: a free loopback port)."""
-    factory = ScriptedSMTPServerFactory(**knobs)
-    return listen_test_server(reactor, factory, endpoint_description)
-
-
-def server_tls_options(certificate: IssuedCertificate) -> CertificateOptions:
-    """Server-side TLS options for an issued certificate.
-
-    Built from ``cryptography`` objects: ``PrivateCertificate.options()``
-    hands pyOpenSSL deprecated X509/PKey objects and warns on every context.
-    """
-    # Twisted's annotations still say PKey/X509; pyOpenSSL takes these.
-    return CertificateOptions(
-        privateKey=load_pem_private_key(  # type: ignore[arg-type]
-            certificate.key_pem, password=None
-        ),
-        certificate=x509.load_pem_x509_certificate(  # type: ignore[arg-type]
-            certificate.certificate_pem
-        ),
-    )
-
-
-class TestMailServer:
-    """A test upstream with its own throwaway CA: a demo in one call.
-
-    ``TestMailServer(users={"me": "pw"}).start(reactor)`` listens on a free
-    loopback port with STARTTLS using a certificate for ``mx.test.example``,
-    ``localhost``, ``127.0.0.1`` and ``::1``; clients trust :attr:`ca_pem`.
-    """
-
-    __test__ = False  # not a pytest test class, despite the name
-
-    def __init__(
-        self,
-        *,
-        names: Sequence[str] = (DEFAULT_HOSTNAME, "localhost", "127.0.0.1", "::1"),
-        **knobs: Unpack[SessionKnobs],
-    ) -> None:
-        self.ca = CertificateAuthority()
-        self.certificate: IssuedCertificate = self.ca.issue(*names)
-        self.hostname = names[0]
-        knobs.setdefault("hostname", self.hostname)
-        self.factory = ScriptedSMTPServerFactory(
-            tls_options=server_tls_options(self.certificate), **knobs
-        )
-
-    @property
-    def ca_pem(self) -> bytes:
-        """The CA certificate clients must trust."""
-        return self.ca.certificate_pem
-
-    @property
-    def script(self) -> ServerScript:
-        return self.factory.script
-
-    @property
-    def messages(self) -> list[ReceivedMessage]:
-        return self.factory.messages
-
-    def ca_file(self, path: Path | str) -> Path:
-        """Write the CA certificate to ``path`` (for CLI clients) and return it."""
-        target = Path(path)
-        target.write_bytes(self.ca_pem)
-        return target
-
-    def client_tls_options(
-        self, hostname: str | None = None
-    ) -> IOpenSSLClientConnectionCreator:
-        """Twisted client options that trust this server's CA."""
-        trust = Certificate.loadPEM(self.ca_pem)
-        options: IOpenSSLClientConnectionCreator = optionsForClientTLS(
-            hostname or self.hostname, trustRoot=trust
-        )
-        return options
-
-    def trust_root(self) -> IOpenSSLTrustRoot:
-        """A trust root of just this CA, for ``txstarttls.prepare_tls`` and friends."""
-        root: IOpenSSLTrustRoot = trustRootFromCertificates(  # type: ignore[no-untyped-call]
-            [Certificate.loadPEM(self.ca_pem)]
-        )
-        return root
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A standard-library context trusting this CA (for smtplib)."""
-        return ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
-
-    def start(
-        self,
-        reactor: IReactorCore,
-        endpoint_description: str = DEFAULT_ENDPOINT,
-    ) -> Deferred[RunningServer]:
-        """Listen with this server's factory; see :func:`start_test_server`."""
-        return listen_test_server(reactor, self.factory, endpoint_description)

@@ -1,0 +1,168 @@
+"""The spool's directory layout and the careful file calls every writer uses.
+
+Files are created exclusively, 0600, without following links; a failed
+creation leaves nothing behind. Every call goes through ``os.<name>`` at
+call time, so tests can wrap the os functions to count, fail or crash them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from twisted.logger import Logger
+
+from txstarttls.queue.errors import CorruptEntry
+from txstarttls.queue.ids import checked_id
+
+# The spool logs as one component, whichever of its modules speaks.
+log = Logger(namespace="txstarttls.queue")
+
+MAX_ENVELOPE_BYTES: Final = 16 * 1024 * 1024
+CREATE_FLAGS: Final = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+)
+READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(slots=True)
+class Layout:
+    """Where everything lives under one queue directory."""
+
+    root: Path
+
+    @property
+    def tmp(self) -> str:
+        return str(self.root / "tmp")
+
+    @property
+    def messages(self) -> str:
+        return str(self.root / "messages")
+
+    @property
+    def corrupt(self) -> str:
+        return str(self.root / "corrupt")
+
+    @property
+    def incoming(self) -> str:
+        return str(self.root / "incoming")
+
+    def content(self, queue_id: str) -> str:
+        return f"{self.messages}/{checked_id(queue_id)}.eml"
+
+    def envelope(self, queue_id: str) -> str:
+        return f"{self.messages}/{checked_id(queue_id)}.json"
+
+    def quarantine(self, path: str) -> str:
+        """Move ``path`` into ``corrupt/`` under a name that replaces nothing."""
+        name = os.path.basename(path)
+        target = f"{self.corrupt}/{name}"
+        if os.path.lexists(target):
+            target = f"{target}.{time.time_ns()}"
+        os.replace(path, target)
+        return target
+
+
+def create_file(path: str, data: bytes) -> int:
+    """Create ``path`` (0600, exclusively) holding ``data``; return its open fd.
+
+    On failure nothing is left behind.
+    """
+    fd = os.open(path, CREATE_FLAGS, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return fd
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+START_WRITEBACK = hasattr(os, "posix_fadvise")
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to write a file out now, without waiting for it.
+
+    Done for every file of a batch before the first fsync, so that the
+    journal commit this fsync forces also holds the block allocations of the
+    others (ext4 allocates at writeback) and their fsyncs find little to do.
+    """
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def remove_quietly(path: str) -> bool:
+    """Unlink during clean-up, where a second error must not hide the first."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warn("queue: cannot remove {path}: {error}", path=path, error=exc)
+        return False
+    return True
+
+
+def read_small_file(path: str) -> bytes:
+    """An envelope's bytes; a link, a device or a huge file is corrupt."""
+    fd = os.open(path, READ_FLAGS)
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptEntry(f"{path} is not a regular file")
+        if info.st_size > MAX_ENVELOPE_BYTES:
+            raise CorruptEntry(f"{path} is larger than {MAX_ENVELOPE_BYTES} octets")
+        return file.read(MAX_ENVELOPE_BYTES + 1)
+
+
+def ensure_directory(path: Path, durable: bool) -> None:
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise NotADirectoryError(
+                errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)
+            ) from None
+        return
+    if durable:
+        fsync_directory(str(path.parent))
+
+
+def is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def same_file(first: str, second: str) -> bool:
+    try:
+        a, b = os.lstat(first), os.lstat(second)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def older_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.lstat(path).st_mtime > seconds
+    except FileNotFoundError:
+        return False

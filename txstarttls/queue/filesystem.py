@@ -1,0 +1,203 @@
+"""The default message store: one locked directory, written by one thread.
+
+One message is two files in ``messages/``: ``ID.eml`` (the content) and
+``ID.json`` (the envelope). Reads happen here, in the caller's thread;
+every write is an operation for the :class:`BatchWriter`, whose Deferred
+fires only once the message is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from zope.interface import implementer
+
+from txstarttls.queue.entry import QueueEntry, check_size
+from txstarttls.queue.errors import (
+    CorruptEntry,
+    MessageNotFound,
+    StoreError,
+    StoreLocked,
+    disk,
+)
+from txstarttls.queue.files import (
+    READ_FLAGS,
+    Layout,
+    ensure_directory,
+    fsync_directory,
+    is_regular,
+    read_small_file,
+)
+from txstarttls.queue.ids import checked_id, valid_queue_id
+from txstarttls.queue.incoming import Adopt
+from txstarttls.queue.interface import IMessageStore, RecoveryReport
+from txstarttls.queue.operations import Add, Remove, Update
+from txstarttls.queue.recovery import recover
+from txstarttls.queue.writer import BatchWriter
+
+
+@implementer(IMessageStore)
+class FilesystemStore:
+    """The default store: a directory, one writer thread, group commit."""
+
+    def __init__(
+        self,
+        directory: Path | str,
+        reactor: IReactorFromThreads,
+        *,
+        durable: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self._durable = durable
+        self._layout = Layout(self.directory)
+        self._lock_fd = self._lock()
+        try:
+            with disk("create directory", str(self.directory)):
+                for path in ("tmp", "messages", "corrupt", "incoming"):
+                    ensure_directory(self.directory / path, durable)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._writer = BatchWriter(
+            self.directory,
+            reactor,
+            durable=durable,
+            on_stopped=self._writer_stopped,
+        )
+        self._close_waiters: list[Deferred[None]] = []
+        self._closed = False
+
+    def _lock(self) -> int:
+        root = self.directory
+        path = str(root / "lock")
+        with disk("create directory", str(root)):
+            if not root.is_dir():
+                root.mkdir(mode=0o700, parents=True)
+                if self._durable:
+                    fsync_directory(str(root.parent))
+        with disk("lock", path):
+            fd = os.open(
+                path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            owner = f" (pid {holder})" if holder else ""
+            raise StoreLocked(
+                f"queue directory {root} is in use by another relay{owner}; "
+                "stop it or use another directory",
+                errno_code=errno.EWOULDBLOCK,
+                path=path,
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError.from_os_error("lock", exc, path) from exc
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        return fd
+
+    # -- asynchronous writes ---------------------------------------------------
+
+    def add(self, entry: QueueEntry, content: bytes) -> Deferred[None]:
+        check_size(entry, content)
+        deferred: Deferred[None] = Deferred()
+        self._writer.submit(Add(self._layout, entry, content), deferred)
+        return deferred
+
+    def update(self, entry: QueueEntry) -> Deferred[None]:
+        deferred: Deferred[None] = Deferred()
+        self._writer.submit(Update(self._layout, entry), deferred)
+        return deferred
+
+    def remove(self, queue_id: str) -> Deferred[None]:
+        deferred: Deferred[None] = Deferred()
+        self._writer.submit(Remove(self._layout, checked_id(queue_id)), deferred)
+        return deferred
+
+    def adopt_incoming(self) -> Deferred[list[str]]:
+        deferred: Deferred[list[str]] = Deferred()
+        self._writer.submit(Adopt(self._layout), deferred)
+        return deferred
+
+    def add_sync(self, entry: QueueEntry, content: bytes) -> None:
+        """Blocking :meth:`add` for a program without a running reactor."""
+        check_size(entry, content)
+        operation = Add(self._layout, entry, content)
+        if not self._writer.run_blocking(operation):
+            raise self._writer.closed_error()
+        if operation.error is not None:
+            raise operation.error
+
+    # -- reads -----------------------------------------------------------------
+
+    def get(self, queue_id: str) -> QueueEntry:
+        path = self._layout.envelope(queue_id)
+        try:
+            data = read_small_file(path)
+        except FileNotFoundError:
+            raise MessageNotFound(queue_id) from None
+        except OSError as exc:
+            raise StoreError.from_os_error("read", exc, path) from exc
+        entry = QueueEntry.from_json(data)
+        if entry.queue_id != queue_id:
+            raise CorruptEntry(f"envelope {path} names message {entry.queue_id}")
+        return entry
+
+    def content_path(self, queue_id: str) -> Path | None:
+        path = self._layout.content(queue_id)
+        return Path(path) if is_regular(path) else None
+
+    def read_content(self, queue_id: str) -> bytes:
+        path = self._layout.content(queue_id)
+        try:
+            fd = os.open(path, READ_FLAGS)
+        except FileNotFoundError:
+            raise MessageNotFound(queue_id) from None
+        except OSError as exc:
+            raise StoreError.from_os_error("read", exc, path) from exc
+        with os.fdopen(fd, "rb") as file, disk("read", path):
+            return file.read()
+
+    def queue_ids(self) -> list[str]:
+        with disk("list", self._layout.messages):
+            names = os.listdir(self._layout.messages)
+        ids = (name.removesuffix(".json") for name in names if name.endswith(".json"))
+        return sorted(
+            queue_id
+            for queue_id in ids
+            if valid_queue_id(queue_id) and queue_id not in self._writer.in_flight
+        )
+
+    # -- start and stop --------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        return recover(
+            self._layout, self._writer, durable=self._durable, read_entry=self.get
+        )
+
+    def close(self) -> Deferred[None]:
+        deferred: Deferred[None] = Deferred()
+        if self._closed:
+            deferred.callback(None)
+            return deferred
+        self._close_waiters.append(deferred)
+        self._writer.stop()
+        return deferred
+
+    def _writer_stopped(self) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
+        self._closed = True
+        waiters, self._close_waiters = self._close_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
