@@ -168,7 +168,6 @@ class ESMTPClient(LineReceiver):
         self._failure: SMTPError | None = None
         self._greeting: Deferred[Reply] | None = None
         self._greeting_failure: Failure | None = None
-        self._connected: Deferred[None] = Deferred()
         self._pending_tls: ClientTLS | None = implicit_tls
         self._pending_starttls: ClientTLS | None = None
         self._tls_done: Deferred[Reply] | None = None

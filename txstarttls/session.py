@@ -40,7 +40,7 @@ from txstarttls.errors import (
     TLSRequired,
     TransientReplyError,
 )
-from txstarttls.message import PreparedMessage as PreparedMessage
+from txstarttls.message import PreparedMessage
 from txstarttls.reply import Reply
 from txstarttls.sasl import Credentials, choose_mechanism
 from txstarttls.tls import ClientTLS, TLSInfo, TLSMode
