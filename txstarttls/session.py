@@ -306,8 +306,8 @@ class Session:
     ) -> tuple[tuple[RecipientResult, ...], Reply]:
         """MAIL, RCPT..., DATA, body: per-recipient results and the final reply.
 
-        With PIPELINING, MAIL, every RCPT and
-        DATA go out together and their replies are paired in order.
+        With PIPELINING, MAIL, every RCPT and DATA go out together and their
+        replies are paired in order.
         """
         client = self.client
         parameters = self.mail_parameters(envelope, message)
