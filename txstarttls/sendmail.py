@@ -31,13 +31,23 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.header import Header
-from email.utils import formatdate, make_msgid, quote
+from email.utils import formatdate, make_msgid
 from typing import BinaryIO, Final, NoReturn, TextIO
 
 from txstarttls.address import needs_smtputf8, validate_address
 from txstarttls.dsn import xtext
 from txstarttls.errors import InvalidAddress
+from txstarttls.headers import (
+    DataError,
+    check_full_name,
+    field_name,
+    field_value,
+    format_mailbox,
+    normalise_line_ends,
+    parse_addresses,
+    split_address_list,
+    split_header,
+)
 from txstarttls.operator import (
     EX_CANTCREAT,
     EX_DATAERR,
@@ -47,7 +57,6 @@ from txstarttls.operator import (
     OperatorError,
     flush_command,
     mailq_command,
-    printable,
     resolve_queue,
 )
 from txstarttls.queue import (
@@ -80,11 +89,8 @@ USAGE: Final = (
 _WITH_VALUE: Final = frozenset("BCFLNORVXbefhopr")
 _FLAGS: Final = frozenset("GUimntvx")
 _ATTACHED_ONLY: Final = frozenset("Adq")
-_HEADER_NAME: Final = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 _SAFE_HOSTNAME: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
-_SPECIALS: Final = re.compile(r'[][\\()<>@,:;".]')
 _NOTIFY_WORDS: Final = frozenset({"SUCCESS", "DELAY", "FAILURE"})
-_MAX_FULL_NAME: Final = 256
 _MAX_ENVID: Final = 100
 _CANNOT_CREATE: Final = frozenset(
     {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.ELOOP}
@@ -93,10 +99,6 @@ _CANNOT_CREATE: Final = frozenset(
 
 class UsageError(Exception):
     """A command line sendmail would refuse: exit 64."""
-
-
-class DataError(Exception):
-    """A bad address, name or message: exit 65."""
 
 
 @dataclass(slots=True)
@@ -222,139 +224,6 @@ def read_message(stream: BinaryIO, *, ignore_dots: bool) -> bytes:
     return b"".join(lines)
 
 
-def _crlf(data: bytes) -> bytes:
-    """Every LF, CR and CRLF becomes CRLF; a missing final line end is added."""
-    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    return data if not data or data.endswith(b"\r\n") else data + b"\r\n"
-
-
-def _split(data: bytes) -> tuple[list[bytes], bytes]:
-    """Header fields (folded lines kept, CRLF included) and the body.
-
-    The header section ends at the empty line, or at the first line that is
-    no header field: that line starts the body, as Postfix treats it.
-    """
-    if data.startswith(b"From "):  # an mbox separator, not a header field
-        data = data.partition(b"\r\n")[2]
-    fields: list[bytes] = []
-    position = 0
-    while position < len(data):
-        end = data.index(b"\r\n", position) + 2
-        line = data[position:end]
-        if line == b"\r\n":
-            return fields, data[end:]
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        elif _HEADER_NAME.match(line):
-            fields.append(line)
-        else:
-            break
-        position = end
-    return fields, data[position:]
-
-
-def _name(header_field: bytes) -> bytes:
-    return header_field.partition(b":")[0].lower()
-
-
-def _value(header_field: bytes) -> str:
-    """The unfolded field body, as text (UTF-8 headers are allowed)."""
-    text = header_field.partition(b":")[2].decode("utf-8", "surrogateescape")
-    return " ".join(text.split())
-
-
-def split_address_list(value: str) -> list[str]:
-    """The addresses in an RFC 5322 address list, nothing dropped silently.
-
-    Splits at top-level commas and semicolons, drops comments and group
-    names (``undisclosed-recipients:;``), takes what is inside ``<...>``
-    when a display name is given. Unlike ``email.utils.getaddresses``, which
-    turns ``bob@`` into nothing, every piece comes back for validation.
-    """
-    items: list[str] = []
-    current: list[str] = []
-    quoted = escaped = False
-    angle = bracket = comment = 0
-    for char in value:
-        if escaped:
-            escaped = False
-            if not comment:
-                current.append(char)
-            continue
-        if char == "\\" and (quoted or comment):
-            escaped = True
-            if quoted:
-                current.append(char)
-            continue
-        if comment:
-            comment += {"(": 1, ")": -1}.get(char, 0)
-            continue
-        if quoted:
-            quoted = char != '"'
-            current.append(char)
-            continue
-        if char == "(":
-            comment = 1
-            continue
-        if char == '"':
-            quoted = True
-        elif char in "<>":
-            angle += 1 if char == "<" else -1
-        elif char in "[]":
-            bracket += 1 if char == "[" else -1
-        elif not angle and not bracket and char in ",;:":
-            if char == ":":
-                current = []  # what came before was a group's display name
-            else:
-                items.append("".join(current))
-                current = []
-            continue
-        if angle < 0 or bracket < 0:
-            raise DataError(f"unbalanced <> or [] in {printable(value)!r}")
-        current.append(char)
-    if quoted or escaped or angle or bracket or comment:
-        raise DataError(
-            f"unbalanced quotes, brackets or comments in {printable(value)!r}"
-        )
-    items.append("".join(current))
-    addresses = []
-    for item in (item.strip() for item in items):
-        if item.endswith(">") and "<" in item:
-            item = item[item.rindex("<") + 1 : -1].strip()
-        if item:
-            addresses.append(item)
-    return addresses
-
-
-def _addresses(values: Iterable[str], where: str) -> list[str]:
-    """Addresses from address lists (``a@b, Name <c@d>``), each validated."""
-    found = []
-    for value in values:
-        if not value.isprintable():
-            bad = next(c for c in value if not c.isprintable())
-            raise DataError(
-                f"{where} {printable(value)!r} contains control character "
-                f"{printable(repr(bad))}"
-            )
-        for address in split_address_list(value):
-            try:
-                found.append(validate_address(address))
-            except InvalidAddress as error:
-                raise DataError(f"{where}: {error}") from None
-    return found
-
-
-def _check_full_name(name: str) -> str:
-    if len(name) > _MAX_FULL_NAME:
-        raise DataError(f"full name (-F) is over {_MAX_FULL_NAME} characters")
-    if not name.isprintable():
-        raise DataError(
-            f"full name (-F) {printable(name)!r} contains control characters "
-            "(header injection refused)"
-        )
-    return name
-
-
 def local_hostname() -> str:
     """This host's name if it is a plain DNS name, else ``localhost``."""
     name = socket.gethostname()
@@ -376,19 +245,6 @@ def default_sender() -> str:
     return f"{_login()[0]}@localhost"
 
 
-def _mailbox(name: str | None, address: str) -> str:
-    """``Name <address>``, the name quoted or RFC 2047 encoded as needed."""
-    if not name:
-        return address
-    if not name.isascii():
-        display = Header(name, "utf-8").encode()
-    elif _SPECIALS.search(name):
-        display = f'"{quote(name)}"'
-    else:
-        display = name
-    return f"{display} <{address}>"
-
-
 @dataclass(frozen=True, slots=True)
 class BuiltMessage:
     """The content to queue and the recipients its headers named (for -t)."""
@@ -408,24 +264,26 @@ def build_message(
     uid: int,
 ) -> BuiltMessage:
     """Normalise line ends, drop Bcc:, add the header fields a message must have."""
-    fields, body = _split(_crlf(raw))
-    names = {_name(field) for field in fields}
+    fields, body = split_header(normalise_line_ends(raw))
+    names = {field_name(field) for field in fields}
     resent = bool(names & {b"resent-to", b"resent-cc", b"resent-bcc"})
     wanted = (
         (b"resent-to", b"resent-cc", b"resent-bcc")
         if resent
         else (b"to", b"cc", b"bcc")
     )
-    recipients = _addresses(
-        (_value(field) for field in fields if _name(field) in wanted),
+    recipients = parse_addresses(
+        (field_value(field) for field in fields if field_name(field) in wanted),
         "recipient header",
     )
-    kept = [field for field in fields if _name(field) not in (b"bcc", b"resent-bcc")]
+    kept = [
+        field for field in fields if field_name(field) not in (b"bcc", b"resent-bcc")
+    ]
     date = formatdate(arrival, localtime=True)
     added = []
     if b"from" not in names:
         author = sender or default_sender()
-        added.append(f"From: {_mailbox(full_name, author)}")
+        added.append(f"From: {format_mailbox(full_name, author)}")
     if b"date" not in names:
         added.append(f"Date: {date}")
     if b"message-id" not in names:
@@ -465,8 +323,8 @@ def _queue_message(
     directory = resolve_queue(options.queue, environ)
     sender = _envelope_sender(options)
     full_name = _login()[1] if options.full_name is None else options.full_name
-    full_name = _check_full_name(full_name)
-    arguments = _addresses(options.recipients, "recipient")
+    full_name = check_full_name(full_name)
+    arguments = parse_addresses(options.recipients, "recipient")
     if not arguments and not options.extract_recipients:
         raise UsageError("no recipients given (name them, or use -t)")
     if not directory.is_dir():
