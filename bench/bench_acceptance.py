@@ -1,0 +1,444 @@
+"""Relay acceptance: the relay's listener and durable queue against Postfix's.
+
+Run by hand, never as a test (needs root and Debian's postfix package)::
+
+    python bench/bench_acceptance.py [--count 10000] [--sessions 20]
+        [--size 2048] [--mode hold|refused] [--rounds 2] [--profile DIR]
+
+Issue 3, section 5. In one run, Postfix's C load generator ``smtp-source``
+(``-s SESSIONS -m COUNT -l SIZE``, a new connection per message as it does
+by default; ``--reuse`` adds ``-d``) drives:
+
+- the relay, ``twistd -n starttls-relay`` on 127.0.0.1, with its durable
+  queue (content and envelope fsynced, files and directory, before ``250``);
+- a private Postfix (own configuration and queue directories, 127.0.0.1),
+  with its normal durable queue (cleanup fsyncs the queue file before
+  ``250``).
+
+Delivery is kept out of the way so only acceptance is measured:
+
+- ``--mode hold`` (default): the relay's smarthost is a socket that listens
+  but never accepts, so the few delivery attempts wait for a greeting
+  (300 s) and nothing else happens; Postfix puts every message on hold
+  (``check_client_access static:HOLD``), so qmgr never touches it;
+- ``--mode refused``: the relay's smarthost refuses connections, so each
+  message is tried once and its envelope rewritten as deferred; Postfix has
+  ``defer_transports = smtp``, so qmgr moves each message to the deferred
+  queue with a defer log.
+
+While smtp-source runs, a separate Python client (``relaybench.py probe``)
+sends paced messages over its own connections and times each final dot to
+its reply: the 50th and 99th percentiles are reported. The servers' memory
+(relay process; Postfix's whole process tree) is sampled from
+``/proc/PID/smaps_rollup``, their CPU from ``/proc/PID/stat``. Afterwards
+the queues must hold exactly what was sent (warm-up + load + probe).
+
+The relay logs to stdout through a pipe to another process, as under
+systemd (``--relay-log file`` writes straight into a file instead). Rounds
+alternate the order (ABBA), and the queues are removed only at the end. For
+the relay's hot spots: ``--profile DIR`` (py-spy; ``--profile-gil`` for
+Python CPU only) and ``--perf DIR`` (perf, kernel stacks included).
+
+The machine is shared and noisy: compare the two servers within one round,
+not bare rates across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from relaybench import (
+    HOST,
+    BenchError,
+    MemorySampler,
+    Perf,
+    Postfix,
+    Probe,
+    ProbeResult,
+    PySpy,
+    Relay,
+    cpu_split,
+    exit_on_signals,
+    free_port,
+    machine_note,
+    make_workdir,
+    markdown_table,
+    overall,
+    peak_rss_kb,
+    smtp_source,
+    summarize_profile,
+)
+
+POSTFIX_MODES = {
+    "hold": (
+        "smtpd_relay_restrictions = check_client_access static:HOLD,"
+        " permit_mynetworks, reject\n"
+        "relayhost = [127.0.0.1]:1\n"
+    ),
+    "refused": "relayhost = [127.0.0.1]:1\ndefer_transports = smtp\n",
+}
+
+
+@dataclass
+class Outcome:
+    server: str
+    round: int
+    messages: int
+    elapsed: float
+    rate: float
+    probe_count: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    peak_rss_mb: float
+    peak_pss_mb: float
+    cpu_ms_per_msg: float
+    queued: int
+    expected: int
+    queue_detail: str
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=10_000, help="messages")
+    parser.add_argument("--sessions", type=int, default=20, help="smtp-source -s")
+    parser.add_argument("--size", type=int, default=2048, help="payload octets")
+    parser.add_argument("--warmup", type=int, default=200, help="messages first")
+    parser.add_argument("--reuse", action="store_true", help="smtp-source -d")
+    parser.add_argument("--mode", choices=sorted(POSTFIX_MODES), default="hold")
+    parser.add_argument("--rounds", type=int, default=2, help="ABBA order")
+    parser.add_argument(
+        "--only", choices=["relay", "postfix"], help="run one server only"
+    )
+    parser.add_argument("--probe-rate", type=float, default=50.0, help="msgs/s")
+    parser.add_argument("--probe-connections", type=int, default=2)
+    parser.add_argument("--probe-limit", type=int, default=2000)
+    parser.add_argument(
+        "--relay-arg",
+        action="append",
+        default=[],
+        help="extra option for starttls-relay (repeatable)",
+    )
+    parser.add_argument(
+        "--twistd-arg",
+        action="append",
+        default=[],
+        help="extra twistd option, before the subcommand (repeatable)",
+    )
+    parser.add_argument(
+        "--relay-log",
+        choices=["pipe", "file"],
+        default="pipe",
+        help="relay's stdout log: through a pipe to another process (as under "
+        "systemd), or straight into a file",
+    )
+    parser.add_argument("--profile", type=Path, help="py-spy the relay into DIR")
+    parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="profile only the thread holding the GIL (Python CPU), not wall time",
+    )
+    parser.add_argument("--perf", type=Path, help="perf record the relay into DIR")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    return parser.parse_args()
+
+
+def loaded_run(
+    args: argparse.Namespace,
+    workdir: Path,
+    port: int,
+    sampler: MemorySampler,
+) -> tuple[float, ProbeResult]:
+    probe: Probe | None = None
+
+    def start_probe() -> None:
+        nonlocal probe
+        probe = Probe(
+            workdir,
+            port,
+            rate=args.probe_rate,
+            connections=args.probe_connections,
+            limit=args.probe_limit,
+            size=args.size,
+        )
+
+    try:
+        with sampler:
+            load = smtp_source(
+                port,
+                args.count,
+                sessions=args.sessions,
+                size=args.size,
+                reuse=args.reuse,
+                on_start=start_probe,
+            )
+        assert probe is not None
+        result = probe.finish()
+    finally:
+        if probe is not None:
+            probe.abandon()
+    if result.errors:
+        raise BenchError(f"latency probe errors: {result.errors[:3]}")
+    return load.elapsed, result
+
+
+def run_relay(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
+    with contextlib.ExitStack() as stack:
+        blackhole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if args.mode == "hold":
+            # Listens, never accepts: connections wait for a greeting.
+            blackhole.bind((HOST, 0))
+            blackhole.listen(64)
+            smarthost = f"{HOST}:{blackhole.getsockname()[1]}"
+        else:
+            smarthost = f"{HOST}:{free_port()}"  # nothing listens: refused
+        relay = Relay(
+            workdir,
+            ["--smarthost", smarthost, "--tls", "none", *args.relay_arg],
+            log_to=args.relay_log,
+            twistd_args=args.twistd_arg,
+        )
+        stack.callback(relay.stop)
+        # Closed first: the waiting deliveries are reset, so the relay stops fast.
+        stack.callback(blackhole.close)
+        if args.warmup:
+            smtp_source(relay.port, args.warmup, sessions=args.sessions, size=args.size)
+        perf = None
+        if args.perf is not None:
+            args.perf.mkdir(parents=True, exist_ok=True)
+            perf = Perf(relay.pid, args.perf / f"acceptance-relay-{round_}.data")
+            stack.callback(perf.stop)
+        spy = None
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            spy = PySpy(
+                relay.pid,
+                args.profile / f"acceptance-relay-{round_}.txt",
+                gil=args.profile_gil,
+            )
+            stack.callback(spy.stop)
+        cpu_before, threads_before = relay.cpu(), relay.thread_cpu()
+        sampler = MemorySampler(relay.memory)
+        elapsed, probe = loaded_run(args, workdir, relay.port, sampler)
+        cpu = relay.cpu() - cpu_before
+        print(f"relay CPU: {cpu_split(threads_before, relay.thread_cpu(), elapsed)}")
+        if perf is not None:
+            perf.stop()
+            print(f"\nrelay perf, round {round_} ({perf.output}):")
+            print(perf.summary())
+        if spy is not None:
+            spy.stop()
+            print(f"\nrelay profile, round {round_} ({spy.output}):")
+            print(summarize_profile(spy.output))
+        hwm = peak_rss_kb(relay.pid)
+        if not relay.alive():
+            raise BenchError(f"the relay died:\n{relay.log_tail()}")
+        expected = args.warmup + args.count + probe.accepted
+        deadline = time.monotonic() + 30
+        while True:
+            # Temporary files are writes in flight (deferrals, refused mode).
+            counts = relay.queued()
+            done = counts["temporary"] == 0 and counts["envelopes"] >= expected
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        return outcome(
+            "txstarttls relay",
+            round_,
+            args,
+            elapsed,
+            probe,
+            max(hwm, sampler.peak_rss_kb),
+            sampler.peak_pss_kb,
+            cpu,
+            counts["envelopes"],
+            expected,
+            f"{counts['envelopes']} envelopes, {counts['contents']} contents, "
+            f"{counts['temporary']} temporary",
+            ok=counts["envelopes"] == counts["contents"] == expected
+            and counts["temporary"] == 0,
+        )
+
+
+def run_postfix(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
+    with contextlib.ExitStack() as stack:
+        postfix = Postfix(workdir, POSTFIX_MODES[args.mode])
+        stack.callback(postfix.stop)
+        postfix.start()
+        if args.warmup:
+            smtp_source(
+                postfix.port, args.warmup, sessions=args.sessions, size=args.size
+            )
+        cpu_before = postfix.cpu()
+        sampler = MemorySampler(postfix.memory, interval=0.2)
+        elapsed, probe = loaded_run(args, workdir, postfix.port, sampler)
+        cpu = postfix.cpu() - cpu_before
+        expected = args.warmup + args.count + probe.accepted
+        wanted = "hold" if args.mode == "hold" else "deferred"
+        deadline = time.monotonic() + 30
+        while True:
+            counts = postfix.queued()
+            if counts[wanted] >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # qmgr still moving messages (refused mode)
+        return outcome(
+            f"Postfix ({args.mode})",
+            round_,
+            args,
+            elapsed,
+            probe,
+            sampler.peak_rss_kb,
+            sampler.peak_pss_kb,
+            cpu,
+            counts[wanted],
+            expected,
+            ", ".join(f"{n} {k}" for k, n in counts.items() if n),
+            ok=sum(counts.values()) == counts[wanted] == expected,
+        )
+
+
+def outcome(
+    server: str,
+    round_: int,
+    args: argparse.Namespace,
+    elapsed: float,
+    probe: ProbeResult,
+    rss_kb: int,
+    pss_kb: int,
+    cpu: float,
+    queued: int,
+    expected: int,
+    detail: str,
+    *,
+    ok: bool,
+) -> Outcome:
+    if not ok:
+        raise BenchError(
+            f"{server}: the queue holds {detail}; expected exactly {expected}"
+        )
+    return Outcome(
+        server=server,
+        round=round_,
+        messages=args.count,
+        elapsed=elapsed,
+        rate=args.count / elapsed,
+        probe_count=len(probe.latencies),
+        p50_ms=probe.median * 1000,
+        p99_ms=probe.p(99) * 1000,
+        max_ms=max(probe.latencies, default=float("nan")) * 1000,
+        peak_rss_mb=rss_kb / 1024,
+        peak_pss_mb=pss_kb / 1024,
+        cpu_ms_per_msg=cpu * 1000 / (args.count + len(probe.latencies)),
+        queued=queued,
+        expected=expected,
+        queue_detail=detail,
+    )
+
+
+def report(outcomes: list[Outcome]) -> str:
+    rows = []
+    for item in outcomes:
+        anchor = next(
+            (
+                o
+                for o in outcomes
+                if o.round == item.round and o.server.startswith("Postfix")
+            ),
+            None,
+        )
+        ratio = f"{item.rate / anchor.rate:.2f}x" if anchor else "-"
+        rows.append(
+            [
+                str(item.round),
+                item.server,
+                f"{item.messages}",
+                f"{item.elapsed:.1f}",
+                f"{item.rate:.0f}",
+                ratio,
+                f"{item.p50_ms:.1f} / {item.p99_ms:.1f} (n={item.probe_count})",
+                f"{item.peak_rss_mb:.0f} / {item.peak_pss_mb:.0f}",
+                f"{item.cpu_ms_per_msg:.2f}",
+                f"{item.queued} = {item.expected}",
+            ]
+        )
+    return markdown_table(
+        [
+            "round",
+            "server",
+            "messages",
+            "seconds",
+            "msgs/s",
+            "vs Postfix",
+            "dot->250 p50 / p99 ms",
+            "peak RSS / PSS MB",
+            "CPU ms/msg",
+            "queued = sent",
+        ],
+        rows,
+    )
+
+
+def main() -> int:
+    args = parse_args()
+    exit_on_signals()
+    for tool in ("smtp-source", "postfix", "postconf"):
+        if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
+            raise SystemExit(f"{tool} is not installed (Debian package postfix)")
+    print(machine_note())
+    print(
+        f"smtp-source -s {args.sessions} -m {args.count} -l {args.size}"
+        f"{' -d' if args.reuse else ''}; warm-up {args.warmup}; mode {args.mode}; "
+        f"probe {args.probe_rate:g} msgs/s over {args.probe_connections} connections"
+    )
+    workdir = make_workdir("relay-bench-acceptance-")
+    outcomes: list[Outcome] = []
+    try:
+        servers = ["relay", "postfix"] if args.only is None else [args.only]
+        for round_ in range(1, args.rounds + 1):
+            order = servers if round_ % 2 else list(reversed(servers))
+            for server in order:
+                where = workdir / f"{server}-{round_}"
+                where.mkdir(mode=0o755)
+                run = run_relay if server == "relay" else run_postfix
+                item = run(args, where, round_)
+                print(
+                    f"round {round_} {item.server}: {item.rate:.0f} msgs/s, p99 "
+                    f"{item.p99_ms:.1f} ms, peak PSS {item.peak_pss_mb:.0f} MB",
+                    flush=True,
+                )
+                outcomes.append(item)
+                # Queues are removed only at the end: on ext4 without a journal
+                # (as here) new inodes skip those freed in the last 30 s, so a
+                # removal now would slow the next configuration's file creation.
+    except BenchError as error:
+        print(f"benchmark failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir}")
+    print()
+    print(report(outcomes))
+    rates: dict[str, list[tuple[int, float]]] = {}
+    for item in outcomes:
+        rates.setdefault(item.server, []).append((item.messages, item.elapsed))
+    print()
+    for line in overall(rates, f"Postfix ({args.mode})"):
+        print(line)
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
