@@ -325,8 +325,9 @@ class ESMTPClient(LineReceiver):
         waiter = self._waiters.popleft()
         if self._waiters:
             self._arm(self._waiters[0])
-        else:
-            self._disarm()
+        # With nothing outstanding the timer is left to fire into an empty
+        # queue (or be pushed back by the next command): between messages that
+        # is one reset instead of a cancel and a new callLater each time.
         if waiter.phase is Phase.STARTTLS and reply.code == 220:
             self._begin_tls(waiter, reply)
             return
