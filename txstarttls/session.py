@@ -18,6 +18,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txstarttls.address import (
     needs_smtputf8,
@@ -453,13 +454,24 @@ def _is_local_peer(client: ESMTPClient) -> bool:
 
 
 async def _settle(deferreds: list[Deferred[Reply]]) -> list[Reply | Exception]:
-    """Every outcome, in order; none of the Deferreds is left unhandled."""
+    """Every outcome, in order; none of the Deferreds is left unhandled.
+
+    Replies pair first-in, first-out, so when the last Deferred has fired
+    every earlier one has too: one wait instead of one per command.
+    """
     outcomes: list[Reply | Exception] = []
-    for deferred in deferreds:
-        try:
-            outcomes.append(await deferred)
-        except Exception as error:
+
+    def keep(value: Reply | Failure) -> None:
+        if isinstance(value, Failure):
+            error = value.value
+            assert isinstance(error, Exception)
             outcomes.append(error)
+        else:
+            outcomes.append(value)
+
+    for deferred in deferreds:
+        deferred.addBoth(keep)
+    await deferreds[-1]
     return outcomes
 
 
