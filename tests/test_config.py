@@ -101,3 +101,36 @@ def test_configuration_reference_in_docs_matches_the_options() -> None:
     ``txstarttls config-reference > docs/configuration.md``."""
     docs = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
     assert docs.read_text() == reference_markdown()
+
+
+BAD_VALUE_BY_PARSER = {
+    "_text": "",
+    "_optional_text": "",
+    "_seconds": "soon",
+    "_optional_seconds": "soon",
+    "_positive": "0",
+    "_size": "lots",
+    "parse": "bogus",  # _choice(...) returns a closure named parse
+    "_tls_mode": "bogus",
+    "_fingerprint": "abc",
+    "_readable_file": "/nonexistent/file",
+    "_network": "300.1.1.1/8",
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
+def test_every_option_rejects_a_bad_value_in_one_line_naming_it(option: object) -> None:
+    from txstarttls.config import Option
+
+    assert isinstance(option, Option)
+    bad = BAD_VALUE_BY_PARSER[option.parse.__name__]
+    given = [bad] if option.repeatable else bad
+    for source in ("command line", "file"):
+        with pytest.raises(ConfigurationError) as raised:
+            if source == "file":
+                build_config({}, {option.name: given})
+            else:
+                build_config({option.name: given})
+        message = str(raised.value)
+        assert message.startswith(f"--{option.name}"), message
+        assert "\n" not in message
