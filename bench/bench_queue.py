@@ -12,8 +12,9 @@ Each round measures, in one temporary directory on one filesystem:
 - ``fsync``: the raw cost of one fsync per 2 KB message (write, fsync, close);
 - ``serial``: what a naive spool does per message (write a 2 KB file, fsync,
   rename it into place, fsync the directory);
-- ``create``: creating a 2 KB file, no fsync: the metadata floor (two
-  creations per queued message: content and envelope);
+- ``create``: creating a 2 KB file, no fsync: the metadata floor (one
+  creation per queued message: ``tmp/ID.N.msg.tmp``, renamed to
+  ``messages/ID.msg``);
 - ``add() cN``: FilesystemStore.add() of 2 KB messages, durable, with N adds
   in flight at any time.
 

@@ -380,13 +380,20 @@ class Relay:
         return ""
 
     def queued(self) -> dict[str, int]:
-        """Committed messages (``.json`` envelopes), contents, temporary files."""
+        """Committed messages, their contents, temporary files.
+
+        A message is one ``ID.msg`` (envelope and content; an ``ID.json`` only
+        overrides the envelope after an update) or, in the old layout, an
+        ``ID.eml`` with its ``ID.json``.
+        """
         messages = self.queue / "messages"
         names = os.listdir(messages) if messages.is_dir() else []
         tmp = self.queue / "tmp"
+        one_file = sum(name.endswith(".msg") for name in names)
+        two_files = sum(name.endswith(".eml") for name in names)
         return {
-            "envelopes": sum(name.endswith(".json") for name in names),
-            "contents": sum(name.endswith(".eml") for name in names),
+            "envelopes": one_file + two_files,
+            "contents": one_file + two_files,
             "temporary": len(os.listdir(tmp)) if tmp.is_dir() else 0,
         }
 

@@ -5,15 +5,18 @@
     ``BASE/k`` and dies with ``os._exit`` just before its k-th file-system
     call on the queue (as abruptly as SIGKILL), until a child gets through
     the whole scenario. Prints one JSON line per k; the child records what
-    was acknowledged in ``BASE/k.acks``.
+    was acknowledged in ``BASE/k.acks`` and the call it died before (its
+    name and path) in ``BASE/k.call``.
 
 ``python tests/queue_crash_helper.py load DIR``
     Add messages with 20 in flight, durable, forever; print each queue id as
     its add() fires, for the parent to SIGKILL at a random moment.
 
-The scenario exercises every write path: a ``sendmail`` drop into
-``incoming/``, recovery with adoption, concurrent adds, an update, a removal
-and an add in one batch, then a second drop adopted at run time.
+The scenario exercises every write path: a message an older relay queued in
+the two-file layout, a ``sendmail`` drop into ``incoming/``, recovery with
+adoption, concurrent adds, updates (of both layouts), a removal and an add in
+one batch, removals of updated messages (both layouts), then a second drop
+adopted at run time.
 """
 
 from __future__ import annotations
@@ -71,9 +74,20 @@ def arm(directory: str, crash_at: int) -> None:
             return args[0] in queue_fds
         return any(inside(argument) for argument in args)
 
+    def record(name: str, args: tuple[Any, ...]) -> None:
+        """Leave ``DIR.call``: the call the child died before, and its path."""
+        if name in ("write", "fsync"):
+            path = os.readlink(f"/proc/self/fd/{args[0]}")
+        else:
+            path = [str(a) for a in args if isinstance(a, str | Path)][-1]
+        fd = real["open"](f"{directory}.call", os.O_WRONLY | os.O_CREAT, 0o600)
+        real["write"](fd, f"{name} {path[len(directory) + 1 :]}".encode())
+        real_close(fd)
+
     def wrap(name: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if ours(args, name) and next(counter) == crash_at:
+                record(name, args)
                 os._exit(CRASHED)
             result = real[name](*args, **kwargs)
             if name == "open" and ours(args, name):
@@ -102,6 +116,9 @@ async def scenario(reactor: IReactorFromThreads, directory: str, acks: int) -> N
 
         return deferred.addCallback(record)
 
+    legacy = new_queue_id()
+    write_two_file_message(directory, legacy)
+    ack(f"add {legacy}")
     first_drop = new_queue_id()
     deliver_to_incoming(directory, *message(first_drop), durable=False)
     ack(f"add {first_drop}")
@@ -112,6 +129,9 @@ async def scenario(reactor: IReactorFromThreads, directory: str, acks: int) -> N
         [acknowledging(store.add(*message(i)), f"add {i}") for i in ids]
     )
     updated = store.get(ids[0]).with_recipient("one@crash.test", status="delivered")
+    legacy_updated = store.get(legacy).with_recipient(
+        "one@crash.test", status="delivered"
+    )
     later = new_queue_id()
     ack(f"intent-remove {ids[1]}")
     await defer.gatherResults(
@@ -119,6 +139,16 @@ async def scenario(reactor: IReactorFromThreads, directory: str, acks: int) -> N
             acknowledging(store.update(updated), f"update {ids[0]}"),
             acknowledging(store.remove(ids[1]), f"remove {ids[1]}"),
             acknowledging(store.add(*message(later)), f"add {later}"),
+            acknowledging(store.update(legacy_updated), f"update {legacy}"),
+        ]
+    )
+    # Updated messages leave an envelope beside them (or are two files).
+    ack(f"intent-remove {ids[0]}")
+    ack(f"intent-remove {legacy}")
+    await defer.gatherResults(
+        [
+            acknowledging(store.remove(ids[0]), f"remove {ids[0]}"),
+            acknowledging(store.remove(legacy), f"remove {legacy}"),
         ]
     )
     second_drop = new_queue_id()
@@ -126,6 +156,19 @@ async def scenario(reactor: IReactorFromThreads, directory: str, acks: int) -> N
     ack(f"add {second_drop}")
     await store.adopt_incoming()
     await store.close()
+
+
+def write_two_file_message(directory: str, queue_id: str) -> None:
+    """Queue a message as a relay before the one-file layout did.
+
+    Written with ``open()``, which the crash never interrupts: only the
+    directories are made through ``os``, before any file exists.
+    """
+    entry, content = message(queue_id)
+    messages = Path(directory) / "messages"
+    messages.mkdir(mode=0o700, parents=True)
+    (messages / f"{queue_id}.eml").write_bytes(content)
+    (messages / f"{queue_id}.json").write_bytes(entry.to_json())
 
 
 def run_child(directory: str, acks_path: str, crash_at: int) -> None:

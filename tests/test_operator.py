@@ -98,6 +98,10 @@ def an_entry(content: bytes = CONTENT, **changes: Any) -> QueueEntry:
     return dataclasses.replace(entry, **changes)
 
 
+def listing(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
 def deferred_entry() -> QueueEntry:
     entry = an_entry(attempts=2, next_attempt=time.time() + 3000)
     return entry.with_recipient(
@@ -356,6 +360,77 @@ async def test_show_prints_envelope_headers_and_body_on_request(
     assert with_body.stdout.decode().endswith("\nthe body\n")
 
 
+def write_old_layout(directory: Path, entry: QueueEntry, content: bytes) -> None:
+    """A message as a relay of the two-file layout queued it (before ID.msg)."""
+    messages = directory / "messages"
+    messages.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (messages / f"{entry.queue_id}.eml").write_bytes(content)
+    (messages / f"{entry.queue_id}.json").write_bytes(entry.to_json())
+
+
+@pytest_twisted.ensureDeferred
+async def test_mailq_and_show_read_both_layouts_and_updated_envelopes(
+    queue_dir: Path,
+) -> None:
+    """One-file messages (updated or not) and those an older relay queued."""
+    fresh, tried = an_entry(), an_entry()
+    await fill(queue_dir, fresh, tried)
+    store = FilesystemStore(queue_dir, reactor, durable=False)
+    try:
+        await store.update(
+            dataclasses.replace(deferred_entry(), queue_id=tried.queue_id)
+        )
+    finally:
+        await store.close()
+    old_content = b"Subject: old\r\n\r\nqueued before the upgrade\r\n"
+    old = an_entry(old_content, attempts=1)
+    write_old_layout(queue_dir, old, old_content)
+    # What a removal cut short leaves: an envelope whose message is gone.
+    gone = an_entry()
+    (queue_dir / "messages" / f"{gone.queue_id}.json").write_bytes(gone.to_json())
+
+    messages, problems = list_queue(queue_dir)
+    assert problems == []
+    assert [m.queue_id for m in messages] == sorted(
+        [fresh.queue_id, tried.queue_id, old.queue_id]
+    )
+    states = {m.queue_id: m.state for m in messages}
+    assert states[fresh.queue_id] == "queued"
+    assert states[tried.queue_id] == "deferred"
+    assert states[old.queue_id] == "deferred"
+    result = cli("mailq", "--queue", str(queue_dir))
+    assert result.returncode == 0, result.stderr
+    assert "-- 1 Kbytes in 3 Requests." in result.stdout.decode()
+    for entry, body in ((fresh, "the body"), (old, "queued before the upgrade")):
+        shown = cli("show", "--body", "--queue", str(queue_dir), entry.queue_id)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.decode().endswith(f"\n{body}\n")
+    tried_shown = cli("show", "--queue", str(queue_dir), tried.queue_id).stdout
+    assert f"{tried.queue_id} (deferred in messages/)".encode() in tried_shown
+    assert b"last reply: 451 4.3.0 mailbox busy" in tried_shown
+    unknown = cli("show", "--queue", str(queue_dir), gone.queue_id)
+    assert unknown.returncode == EX_UNAVAILABLE
+
+    deleted = cli("delete", "--queue", str(queue_dir), old.queue_id, fresh.queue_id)
+    assert deleted.returncode == 0, deleted.stderr
+    assert listing(queue_dir / "messages") == sorted(
+        [f"{tried.queue_id}.msg", f"{tried.queue_id}.json", f"{gone.queue_id}.json"]
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_show_of_a_message_file_with_a_bad_header(queue_dir: Path) -> None:
+    await fill(queue_dir, an_entry())
+    bad = new_queue_id()
+    (queue_dir / "messages" / f"{bad}.msg").write_bytes(b"Subject: no header\r\n")
+    result = cli("show", "--queue", str(queue_dir), bad)
+    assert result.returncode == EX_DATAERR
+    assert f"message {bad} is corrupt" in result.stderr.decode()
+    listed = cli("mailq", "--queue", str(queue_dir))
+    assert listed.returncode == 0
+    assert f"message {bad} in messages/ is corrupt" in listed.stderr.decode()
+
+
 def test_show_unknown_and_malformed_ids(queue_dir: Path) -> None:
     unknown = cli("show", "--queue", str(queue_dir), new_queue_id())
     assert unknown.returncode == EX_UNAVAILABLE
@@ -414,7 +489,7 @@ async def test_delete_without_a_relay(queue_dir: Path) -> None:
     assert f"no message {unknown}" in result.stderr.decode()
     messages, _ = list_queue(queue_dir)
     assert [m.queue_id for m in messages] == [keep.queue_id]
-    assert not (queue_dir / "messages" / f"{gone.queue_id}.eml").exists()
+    assert listing(queue_dir / "messages") == [f"{keep.queue_id}.msg"]
 
 
 @pytest_twisted.ensureDeferred

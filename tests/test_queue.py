@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 import pytest_twisted
@@ -30,9 +30,13 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet import reactor as global_reactor
 from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from tests.queue_crash_helper import CRASHED, message
+from txstarttls.data import encode_body
+from txstarttls.delivery import DeliverySettings, QueueRunner
+from txstarttls.message import PreparedMessage
 from txstarttls.queue import (
     STATUSES,
     CorruptEntry,
@@ -49,12 +53,14 @@ from txstarttls.queue import (
     valid_queue_id,
 )
 from txstarttls.queue.writer import BatchWriter
+from txstarttls.session import Envelope, SendResult
 
 ensure_deferred: Callable[
     [Callable[..., Coroutine[Any, Any, None]]], Callable[..., Coroutine[Any, Any, None]]
 ] = pytest_twisted.ensureDeferred
 
 reactor = cast(IReactorFromThreads, global_reactor)
+T = TypeVar("T")
 HELPER = Path(__file__).with_name("queue_crash_helper.py")
 TRAVERSALS = [
     "../../etc/passwd",
@@ -181,14 +187,37 @@ async def errors_of(deferreds: list[defer.Deferred[None]]) -> list[Exception | N
 
 
 def assert_consistent(root: Path) -> list[str]:
-    """No temporary file, no half message; returns the complete messages' ids."""
+    """No temporary file, no half message; returns the complete messages' ids.
+
+    A message is ``ID.msg``, with ``ID.json`` once updated, or (queued by an
+    older relay) ``ID.eml`` and ``ID.json``; nothing else may lie there.
+    """
     assert listing(root / "tmp") == []
-    names = listing(root / "messages")
-    envelopes = sorted(n.removesuffix(".json") for n in names if n.endswith(".json"))
-    contents = sorted(n.removesuffix(".eml") for n in names if n.endswith(".eml"))
-    assert envelopes == contents, names
-    assert len(names) == 2 * len(envelopes), names
-    return envelopes
+    files: dict[str, set[str]] = {}
+    for name in listing(root / "messages"):
+        stem, _, suffix = name.partition(".")
+        assert valid_queue_id(stem), name
+        files.setdefault(stem, set()).add(suffix)
+    for queue_id, suffixes in files.items():
+        assert suffixes in ({"msg"}, {"msg", "json"}, {"eml", "json"}), (
+            queue_id,
+            suffixes,
+        )
+    return sorted(files)
+
+
+def write_old_layout(root: Path, entry: QueueEntry, content: bytes) -> None:
+    """Queue a message as a relay of the two-file layout did (before ID.msg)."""
+    messages = root / "messages"
+    messages.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (messages / f"{entry.queue_id}.eml").write_bytes(content)
+    (messages / f"{entry.queue_id}.json").write_bytes(entry.to_json())
+
+
+def message_file(entry: QueueEntry, content: bytes) -> bytes:
+    """What ``messages/ID.msg`` holds: header line, envelope, content."""
+    envelope = entry.to_json()
+    return b"TXQ1 %d\n" % len(envelope) + envelope + content
 
 
 # -- values --------------------------------------------------------------------
@@ -380,13 +409,21 @@ async def test_add_get_update_remove(store: FilesystemStore, queue_dir: Path) ->
     first = entries[0]
     assert store.get(first.queue_id) == first
     assert store.read_content(first.queue_id) == b"message 0\r\n"
-    assert store.content_path(first.queue_id) == queue_dir / "messages" / (
-        first.queue_id + ".eml"
-    )
+    with store.open_content(first.queue_id) as file:
+        assert file.read() == b"message 0\r\n"
+    assert store.content_path(first.queue_id) is None, "no content-only file"
+    path = queue_dir / "messages" / f"{first.queue_id}.msg"
+    assert path.read_bytes() == message_file(first, b"message 0\r\n")
 
     delivered = first.with_recipient("bob@example.com", status="delivered", attempts=1)
     await store.update(delivered)
     assert store.get(first.queue_id) == delivered
+    # The update is a new envelope beside the message; the file stays as it was.
+    assert path.read_bytes() == message_file(first, b"message 0\r\n")
+    assert (queue_dir / "messages" / f"{first.queue_id}.json").read_bytes() == (
+        delivered.to_json()
+    )
+    assert store.read_content(first.queue_id) == b"message 0\r\n"
 
     await store.remove(first.queue_id)
     await store.remove(first.queue_id)
@@ -399,7 +436,12 @@ async def test_add_get_update_remove(store: FilesystemStore, queue_dir: Path) ->
     with pytest.raises(MessageNotFound):
         await store.update(delivered)
     assert not (queue_dir / "messages" / f"{first.queue_id}.json").exists()
+    with pytest.raises(MessageNotFound):
+        store.open_content(first.queue_id)
     assert assert_consistent(queue_dir) == [e.queue_id for e in entries[1:]]
+    assert listing(queue_dir / "messages") == sorted(
+        f"{e.queue_id}.msg" for e in entries[1:]
+    )
 
 
 @ensure_deferred
@@ -408,16 +450,18 @@ async def test_files_and_directories_are_private(
 ) -> None:
     entry = an_entry()
     await store.add(entry, b"Subject: hi\r\n\r\nhello\r\n")
+    await store.update(dataclasses.replace(entry, attempts=1))
     for sub in ("", "tmp", "messages", "corrupt", "incoming"):
         assert stat.S_IMODE((queue_dir / sub).stat().st_mode) == 0o700
-    for suffix in (".eml", ".json"):
+    for suffix in (".msg", ".json"):
         path = queue_dir / "messages" / (entry.queue_id + suffix)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize("bad", TRAVERSALS)
 def test_no_path_is_ever_built_from_a_bad_id(store: FilesystemStore, bad: str) -> None:
-    for call in (store.get, store.content_path, store.read_content, store.remove):
+    calls = (store.get, store.content_path, store.read_content, store.open_content)
+    for call in (*calls, store.remove):
         with pytest.raises(InvalidQueueId):
             call(bad)
 
@@ -458,10 +502,10 @@ async def test_concurrent_adds_share_fsyncs(
     await defer.gatherResults([first, *rest])
 
     assert len(assert_consistent(queue_dir)) == count
-    # Two batches: the held one and everything queued behind it.
-    assert len(fsyncs.files) == 2 * count
+    # Two batches: the held one and everything queued behind it; one file
+    # (and so one file fsync) per message.
+    assert len(fsyncs.files) == count
     assert fsyncs.directories == [str(queue_dir / "messages")] * 2
-    assert len(fsyncs.files) + len(fsyncs.directories) < 3 * count
 
 
 @ensure_deferred
@@ -489,42 +533,112 @@ def test_non_durable_store_never_fsyncs(
     assert fsyncs.files == fsyncs.directories == []
 
 
-@ensure_deferred
-async def test_content_then_envelope_then_directory_then_acknowledgement(
-    durable_store: FilesystemStore, queue_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    events: list[tuple[str, ...]] = []
-    real_fsync, real_replace = os.fsync, os.replace
+class Recorder:
+    """Record the file calls under ``root`` and the order they came in."""
 
-    def fsync(fd: int) -> None:
-        events.append(("fsync", fd_path(fd)))
-        real_fsync(fd)
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+        self.events: list[tuple[str, ...]] = []
+        real_open, real_fsync = os.open, os.fsync
+        real_replace, real_unlink = os.replace, os.unlink
 
-    def replace(source: str, target: str) -> None:
-        events.append(("rename", str(source), str(target)))
-        real_replace(source, target)
+        def opening(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if str(path).startswith(str(root)) and flags & os.O_CREAT:
+                self.events.append(("create", str(path)))
+            return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    entry = an_entry()
-    added = durable_store.add(entry, b"Subject: hi\r\n\r\nhello\r\n")
-    added.addCallback(lambda _: events.append(("fired",)))
-    await added
+        def fsync(fd: int) -> None:
+            self.events.append(("fsync", fd_path(fd)))
+            real_fsync(fd)
 
-    def index(kind: str, suffix: str) -> int:
+        def replace(source: Any, target: Any) -> None:
+            self.events.append(("rename", str(source), str(target)))
+            real_replace(source, target)
+
+        def unlink(path: Any) -> None:
+            self.events.append(("unlink", str(path)))
+            real_unlink(path)
+
+        monkeypatch.setattr(os, "open", opening)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "unlink", unlink)
+
+    def fired(self, deferred: defer.Deferred[T]) -> defer.Deferred[T]:
+        def note(result: T) -> T:
+            self.events.append(("fired",))
+            return result
+
+        return deferred.addCallback(note)
+
+    def index(self, kind: str, suffix: str = "") -> int:
         return next(
-            i for i, e in enumerate(events) if e[0] == kind and e[-1].endswith(suffix)
+            i
+            for i, e in enumerate(self.events)
+            if e[0] == kind and e[-1].endswith(suffix)
         )
 
+    def kinds(self, kind: str) -> list[tuple[str, ...]]:
+        return [e for e in self.events if e[0] == kind]
+
+
+@ensure_deferred
+async def test_one_file_fsynced_renamed_then_directory_then_acknowledgement(
+    durable_store: FilesystemStore, queue_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Recorder(monkeypatch, queue_dir)
+    entry = an_entry()
+    content = b"Subject: hi\r\n\r\nhello\r\n"
+    await recorder.fired(durable_store.add(entry, content))
+
     messages = str(queue_dir / "messages")
-    content_synced = index("fsync", ".eml.tmp")
-    envelope_synced = index("fsync", ".json.tmp")
-    content_renamed = index("rename", f"{entry.queue_id}.eml")
-    envelope_renamed = index("rename", f"{entry.queue_id}.json")
-    directory_synced = events.index(("fsync", messages))
-    fired = events.index(("fired",))
-    assert max(content_synced, envelope_synced) < content_renamed < envelope_renamed
-    assert envelope_renamed < directory_synced < fired
+    (created,) = recorder.kinds("create")
+    assert created[1].startswith(str(queue_dir / "tmp") + "/")
+    assert created[1].endswith(".msg.tmp")
+    (renamed,) = recorder.kinds("rename")
+    assert renamed == ("rename", created[1], f"{messages}/{entry.queue_id}.msg")
+    file_synced = recorder.events.index(("fsync", created[1]))
+    directory_synced = recorder.events.index(("fsync", messages))
+    fired = recorder.events.index(("fired",))
+    assert file_synced < recorder.events.index(renamed) < directory_synced < fired
+    assert len(recorder.kinds("fsync")) == 2
+    assert (queue_dir / "messages" / f"{entry.queue_id}.msg").read_bytes() == (
+        message_file(entry, content)
+    )
+
+
+@ensure_deferred
+async def test_update_then_removal_never_exposes_the_first_envelope(
+    durable_store: FilesystemStore, queue_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message file goes first, durably, then the envelope beside it."""
+    entry = an_entry()
+    await durable_store.add(entry, b"Subject: hi\r\n\r\nhello\r\n")
+    recorder = Recorder(monkeypatch, queue_dir)
+    await recorder.fired(durable_store.update(dataclasses.replace(entry, attempts=1)))
+    messages = str(queue_dir / "messages")
+    envelope = f"{messages}/{entry.queue_id}.json"
+    assert recorder.index("fsync", ".json.tmp") < recorder.index("rename", ".json")
+    assert recorder.index("rename", ".json") < recorder.index("fsync", messages)
+    assert recorder.index("fsync", messages) < recorder.index("fired")
+
+    recorder.events.clear()
+    await recorder.fired(durable_store.remove(entry.queue_id))
+    assert recorder.events == [
+        ("unlink", f"{messages}/{entry.queue_id}.msg"),
+        ("fsync", messages),
+        ("unlink", envelope),
+        ("fsync", messages),
+        ("fired",),
+    ]
+    assert listing(queue_dir / "messages") == []
+
+    # Never updated: nothing to unlink after the directory fsync.
+    other = an_entry()
+    await durable_store.add(other, b"Subject: hi\r\n\r\nhello\r\n")
+    recorder.events.clear()
+    await recorder.fired(durable_store.remove(other.queue_id))
+    assert [e[0] for e in recorder.events] == ["unlink", "fsync", "unlink", "fired"]
+    assert recorder.events[2] == ("unlink", f"{messages}/{other.queue_id}.json")
 
 
 @ensure_deferred
@@ -535,7 +649,7 @@ async def test_unacknowledged_messages_are_not_listed(
     entry = an_entry()
     added = durable_store.add(entry, b"Subject: hi\r\n\r\nhello\r\n")
     gate.wait()
-    assert (queue_dir / "messages" / f"{entry.queue_id}.json").exists()
+    assert (queue_dir / "messages" / f"{entry.queue_id}.msg").exists()
     assert durable_store.queue_ids() == []
     gate.release.set()
     await added
@@ -565,10 +679,10 @@ async def test_close_finishes_pending_writes_then_refuses(queue_dir: Path) -> No
 @pytest.mark.parametrize(
     ("operation", "code", "target"),
     [
-        ("write", errno.ENOSPC, ".eml.tmp"),
-        ("fsync", errno.EIO, ".json.tmp"),
-        ("replace", errno.EACCES, ".json"),
-        ("replace", errno.EIO, ".eml"),
+        ("write", errno.ENOSPC, ".msg.tmp"),
+        ("fsync", errno.EIO, ".msg.tmp"),
+        ("replace", errno.EACCES, ".msg"),
+        ("write", errno.EDQUOT, ".msg.tmp"),
     ],
 )
 @ensure_deferred
@@ -682,6 +796,8 @@ async def test_one_relay_per_queue_but_sendmail_needs_no_lock(
     ]
     assert await store.adopt_incoming() == [entry.queue_id]
     assert listing(queue_dir / "incoming") == []
+    # Adopted into the one-file layout, like any message.
+    assert listing(queue_dir / "messages") == [f"{entry.queue_id}.msg"]
     assert store.get(entry.queue_id) == entry
     assert store.read_content(entry.queue_id) == b"Subject: hi\r\n\r\nhello\r\n"
     assert await store.adopt_incoming() == []
@@ -717,8 +833,10 @@ async def test_adoption_quarantines_corrupt_drops_and_renames_on_collision(
 
     adopted = await store.adopt_incoming()
     assert len(adopted) == 1 and adopted[0] != queued.queue_id
+    assert valid_queue_id(adopted[0])
+    assert adopted[0][:13] == queued.queue_id[:13], "still sorted by arrival"
     assert store.read_content(adopted[0]) == b"other\r\n"
-    assert store.get(adopted[0]).sender == colliding.sender
+    assert store.get(adopted[0]) == dataclasses.replace(colliding, queue_id=adopted[0])
     assert store.read_content(queued.queue_id) == content
     assert listing(queue_dir / "corrupt") == [
         f"{corrupt.queue_id}.eml",
@@ -728,9 +846,36 @@ async def test_adoption_quarantines_corrupt_drops_and_renames_on_collision(
 
 
 @ensure_deferred
-async def test_adoption_interrupted_after_linking_is_not_repeated(
+async def test_adoption_copies_syncs_and_commits_before_unlinking_the_drop(
+    durable_store: FilesystemStore, queue_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = an_entry()
+    content = b"Subject: hi\r\n\r\nhello\r\n"
+    deliver_to_incoming(queue_dir, entry, content)
+    recorder = Recorder(monkeypatch, queue_dir)
+    assert await recorder.fired(durable_store.adopt_incoming()) == [entry.queue_id]
+    messages, incoming = str(queue_dir / "messages"), str(queue_dir / "incoming")
+    (created,) = recorder.kinds("create")
+    assert created[1].endswith(".msg.tmp")
+    events = recorder.events
+    copy_synced = events.index(("fsync", created[1]))
+    renamed = events.index(("rename", created[1], f"{messages}/{entry.queue_id}.msg"))
+    messages_synced = events.index(("fsync", messages))
+    envelope_gone = events.index(("unlink", f"{incoming}/{entry.queue_id}.json"))
+    content_gone = events.index(("unlink", f"{incoming}/{entry.queue_id}.eml"))
+    incoming_synced = events.index(("fsync", incoming))
+    assert copy_synced < renamed < messages_synced < envelope_gone < content_gone
+    assert content_gone < incoming_synced < events.index(("fired",))
+    assert (queue_dir / "messages" / f"{entry.queue_id}.msg").read_bytes() == (
+        message_file(entry, content)
+    )
+
+
+@ensure_deferred
+async def test_adoption_interrupted_by_an_older_relay_is_not_repeated(
     store: FilesystemStore, queue_dir: Path
 ) -> None:
+    """A two-file relay adopted by hard links and crashed before unlinking."""
     entry = an_entry()
     deliver_to_incoming(queue_dir, entry, b"Subject: hi\r\n\r\nhello\r\n")
     for suffix in (".eml", ".json"):
@@ -744,35 +889,217 @@ async def test_adoption_interrupted_after_linking_is_not_repeated(
 
 
 @ensure_deferred
+async def test_adoption_interrupted_by_an_older_relay_after_a_collision(
+    store: FilesystemStore, queue_dir: Path
+) -> None:
+    content = b"Subject: hi\r\n\r\nhello\r\n"
+    queued, dropped = an_entry(), an_entry(b"other\r\n")
+    write_old_layout(queue_dir, queued, content)
+    dropped = dataclasses.replace(dropped, queue_id=queued.queue_id)
+    deliver_to_incoming(queue_dir, dropped, b"other\r\n")
+    # It gave the drop a random id and linked the content under it.
+    other_id = new_queue_id()
+    os.link(
+        queue_dir / "incoming" / f"{queued.queue_id}.eml",
+        queue_dir / "messages" / f"{other_id}.eml",
+    )
+    (queue_dir / "messages" / f"{other_id}.json").write_bytes(
+        dataclasses.replace(dropped, queue_id=other_id).to_json()
+    )
+    assert await store.adopt_incoming() == []
+    assert listing(queue_dir / "incoming") == []
+    assert store.queue_ids() == sorted([queued.queue_id, other_id])
+
+
+def keep_aside(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in listing(directory)}
+
+
+def put_back(directory: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+
+
+@ensure_deferred
+async def test_adoption_interrupted_after_copying_is_not_repeated(
+    store: FilesystemStore, queue_dir: Path
+) -> None:
+    """A crash after the copies were durable, before the drops were unlinked."""
+    content = b"Subject: hi\r\n\r\nhello\r\n"
+    queued = an_entry()
+    await store.add(queued, content)
+    plain = an_entry()
+    colliding = dataclasses.replace(an_entry(b"other\r\n"), queue_id=queued.queue_id)
+    deliver_to_incoming(queue_dir, plain, content)
+    deliver_to_incoming(queue_dir, colliding, b"other\r\n")
+    drops = keep_aside(queue_dir / "incoming")
+    adopted = await store.adopt_incoming()
+    assert len(adopted) == 2 and plain.queue_id in adopted
+    # The adopted message was tried meanwhile: its envelope changed.
+    await store.update(dataclasses.replace(plain, attempts=1))
+    put_back(queue_dir / "incoming", drops)
+
+    assert await store.adopt_incoming() == []
+    assert listing(queue_dir / "incoming") == []
+    assert store.queue_ids() == sorted([queued.queue_id, *adopted])
+    assert store.get(plain.queue_id).attempts == 1
+
+    # The same id with other content is another message, not a copy.
+    twin = dataclasses.replace(plain, arrival_time=plain.arrival_time + 1)
+    deliver_to_incoming(queue_dir, twin, content)
+    (again,) = await store.adopt_incoming()
+    assert again not in (plain.queue_id, *adopted)
+    assert len(store.queue_ids()) == 4
+
+
+@ensure_deferred
 async def test_recover_repairs_every_kind_of_leftover(queue_dir: Path) -> None:
     store = FilesystemStore(queue_dir, reactor, durable=False)
     content = b"Subject: hi\r\n\r\nhello\r\n"
-    kept, orphan, lost, broken, short = (an_entry() for _ in range(5))
-    for entry in (kept, orphan, lost, broken, short):
+    kept, updated, removed, headless, short, bad_update, doubled = (
+        an_entry() for _ in range(7)
+    )
+    for entry in (kept, updated, removed, headless, short, bad_update, doubled):
         await store.add(entry, content)
+    for entry in (updated, removed, bad_update):
+        await store.update(dataclasses.replace(entry, attempts=1))
     await store.close()
     messages = queue_dir / "messages"
-    (messages / f"{orphan.queue_id}.json").unlink()
-    (messages / f"{lost.queue_id}.eml").unlink()
-    (messages / f"{broken.queue_id}.json").write_bytes(b'{"version": 1}')
-    (messages / f"{short.queue_id}.eml").write_bytes(content[:5])
+    (messages / f"{removed.queue_id}.msg").unlink()
+    (messages / f"{headless.queue_id}.msg").write_bytes(b"Subject: no header\r\n")
+    short_file = messages / f"{short.queue_id}.msg"
+    short_file.write_bytes(short_file.read_bytes()[:-3])
+    (messages / f"{bad_update.queue_id}.json").write_bytes(b'{"version": 1}')
+    (messages / f"{doubled.queue_id}.eml").write_bytes(content)
     (messages / "notes.txt").write_bytes(b"?")
-    (queue_dir / "tmp" / "X.1.eml.tmp").write_bytes(b"partial")
+    (queue_dir / "tmp" / "X.1.msg.tmp").write_bytes(b"partial")
+    # Left by a relay of the two-file layout.
+    old_kept, old_orphan, old_lost, old_broken, old_short = (
+        an_entry() for _ in range(5)
+    )
+    for entry in (old_kept, old_orphan, old_lost, old_broken, old_short):
+        write_old_layout(queue_dir, entry, content)
+    (messages / f"{old_orphan.queue_id}.json").unlink()
+    (messages / f"{old_lost.queue_id}.eml").unlink()
+    (messages / f"{old_broken.queue_id}.json").write_bytes(b'{"version": 1}')
+    (messages / f"{old_short.queue_id}.eml").write_bytes(content[:5])
     dropped = an_entry()
     deliver_to_incoming(queue_dir, dropped, content)
 
     store = FilesystemStore(queue_dir, reactor)
     report = store.recover()
-    assert report.kept == (kept.queue_id,)
+    assert report.kept == tuple(
+        sorted([kept.queue_id, updated.queue_id, doubled.queue_id, old_kept.queue_id])
+    )
     assert report.temporary_removed == 1
-    assert report.unacknowledged_removed == (orphan.queue_id,)
+    assert report.unacknowledged_removed == (old_orphan.queue_id,)
+    # ID.msg is unlinked first: an envelope alone is a removal cut short.
+    assert sorted(report.removal_leftovers) == sorted(
+        [removed.queue_id, old_lost.queue_id]
+    )
     assert sorted(report.quarantined) == sorted(
-        [lost.queue_id, broken.queue_id, short.queue_id, "notes.txt"]
+        [
+            headless.queue_id,
+            short.queue_id,
+            bad_update.queue_id,
+            old_broken.queue_id,
+            old_short.queue_id,
+            f"{doubled.queue_id}.eml",
+            "notes.txt",
+        ]
     )
     assert report.adopted == (dropped.queue_id,)
-    assert assert_consistent(queue_dir) == sorted([kept.queue_id, dropped.queue_id])
-    assert len(listing(queue_dir / "corrupt")) == 6
+    assert assert_consistent(queue_dir) == sorted([*report.kept, dropped.queue_id])
+    assert store.get(updated.queue_id).attempts == 1
+    assert store.read_content(old_kept.queue_id) == content
+    assert len(listing(queue_dir / "corrupt")) == 10
     await store.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"",
+        b"TXQ1 \n",
+        b"TXQ2 10\n",
+        b"TXQ1 -1\n",
+        b"TXQ1 +5\n",
+        b"TXQ1 05\n",
+        b"TXQ1 5",
+        b"TXQ1 99999999\n{}",
+        b"TXQ1 \xd9\xa3\n",
+        b"TXQ1 1" + b"0" * 40 + b"\n",
+    ],
+)
+def test_a_message_file_with_a_bad_header_is_corrupt(
+    store: FilesystemStore, queue_dir: Path, head: bytes
+) -> None:
+    entry = an_entry()
+    (queue_dir / "messages" / f"{entry.queue_id}.msg").write_bytes(head)
+    with pytest.raises(CorruptEntry):
+        store.get(entry.queue_id)
+    with pytest.raises(CorruptEntry):
+        store.read_content(entry.queue_id)
+    assert store.recover().quarantined == (entry.queue_id,)
+
+
+def test_a_message_file_naming_another_message_is_corrupt(
+    store: FilesystemStore, queue_dir: Path
+) -> None:
+    entry, other = an_entry(), an_entry()
+    path = queue_dir / "messages" / f"{entry.queue_id}.msg"
+    path.write_bytes(message_file(other, b"Subject: hi\r\n\r\nhello\r\n"))
+    with pytest.raises(CorruptEntry, match=f"names message {other.queue_id}"):
+        store.get(entry.queue_id)
+    assert store.recover().quarantined == (entry.queue_id,)
+
+
+def test_a_large_envelope_and_content_are_read_back(store: FilesystemStore) -> None:
+    """Envelopes longer than the first read, content much longer."""
+    content = b"x" * (3 * 1024 * 1024)
+    many = tuple(RecipientState(f"r{n}@example.com") for n in range(500))
+    entry = an_entry(content, recipients=many)
+    assert len(entry.to_json()) > 8192
+    store.add_sync(entry, content)
+    assert store.get(entry.queue_id) == entry
+    with store.open_content(entry.queue_id) as file:
+        assert file.read(5) == b"xxxxx"
+        assert len(file.read()) == len(content) - 5
+    assert store.read_content(entry.queue_id) == content
+    assert store.recover().kept == (entry.queue_id,)
+
+
+@ensure_deferred
+async def test_messages_of_the_two_file_layout_are_served_as_before(
+    store: FilesystemStore, queue_dir: Path
+) -> None:
+    """A relay upgraded in place keeps what it queued before, and drains it."""
+    content = b"Subject: old\r\n\r\nqueued before the upgrade\r\n"
+    old = an_entry(content)
+    write_old_layout(queue_dir, old, content)
+    new = an_entry()
+    await store.add(new, b"Subject: hi\r\n\r\nhello\r\n")
+    assert store.recover().kept == tuple(sorted([old.queue_id, new.queue_id]))
+    assert store.queue_ids() == sorted([old.queue_id, new.queue_id])
+    assert store.get(old.queue_id) == old
+    assert store.read_content(old.queue_id) == content
+    with store.open_content(old.queue_id) as file:
+        assert file.read() == content
+    old_content = queue_dir / "messages" / f"{old.queue_id}.eml"
+    assert store.content_path(old.queue_id) == old_content
+
+    tried = dataclasses.replace(old, attempts=1)
+    await store.update(tried)
+    assert store.get(old.queue_id) == tried
+    assert listing(queue_dir / "messages") == sorted(
+        [f"{old.queue_id}.eml", f"{old.queue_id}.json", f"{new.queue_id}.msg"]
+    )
+    await store.remove(old.queue_id)
+    assert listing(queue_dir / "messages") == [f"{new.queue_id}.msg"]
+    with pytest.raises(MessageNotFound):
+        store.get(old.queue_id)
+    with pytest.raises(MessageNotFound):
+        await store.update(tried)
 
 
 # -- crashes ------------------------------------------------------------------------
@@ -800,14 +1127,14 @@ def check_recovered(
         entry, content = message(queue_id)
         assert store.read_content(queue_id) == content
         assert store.get(queue_id).recipients[1] == entry.recipients[1]
-    done = set(facts)
     intended = {queue_id for kind, queue_id in facts if kind == "intent-remove"}
     for kind, queue_id in facts:
         if kind == "add" and queue_id not in intended:
             assert queue_id in ids
         if kind == "remove":
             assert queue_id not in ids
-        if kind == "update" and ("remove", queue_id) not in done:
+        if kind == "update" and queue_id in ids:
+            # Never the envelope it arrived with again, even mid-removal.
             assert store.get(queue_id).recipients[0].status == "delivered"
 
 
@@ -822,7 +1149,28 @@ async def test_crash_at_every_step_loses_nothing_acknowledged(tmp_path: Path) ->
     runs = [json.loads(line) for line in finished.stdout.splitlines()]
     assert [run["exit"] for run in runs[:-1]] == [CRASHED] * (len(runs) - 1)
     assert runs[-1]["exit"] == 0, finished.stderr.decode()
-    assert len(runs) > 40
+    assert len(runs) > 60
+    # The crashes hit every step of adding, updating, removing and adopting.
+    steps = set()
+    for run in runs[:-1]:
+        name, path = (tmp_path / f"{run['k']}.call").read_text().split(" ", 1)
+        folder, _, file = path.rpartition("/")
+        steps.add((name, folder, file.split(".", 2)[-1]))
+    assert steps >= {
+        ("link", "incoming", "eml"),
+        ("link", "incoming", "json"),
+        ("open", "tmp", "msg.tmp"),
+        ("write", "tmp", "msg.tmp"),
+        ("replace", "messages", "msg"),
+        ("open", "tmp", "json.tmp"),
+        ("write", "tmp", "json.tmp"),
+        ("replace", "messages", "json"),
+        ("unlink", "messages", "msg"),
+        ("unlink", "messages", "json"),
+        ("unlink", "messages", "eml"),
+        ("unlink", "incoming", "json"),
+        ("unlink", "incoming", "eml"),
+    }, sorted(steps)
     for run in runs:
         root = tmp_path / str(run["k"])
         facts = read_facts(tmp_path / f"{run['k']}.acks")
@@ -832,7 +1180,8 @@ async def test_crash_at_every_step_loses_nothing_acknowledged(tmp_path: Path) ->
         finally:
             await store.close()
     complete = read_facts(tmp_path / f"{runs[-1]['k']}.acks")
-    assert [kind for kind, _ in complete].count("add") == 6
+    assert [kind for kind, _ in complete].count("add") == 7
+    assert [kind for kind, _ in complete].count("remove") == 3
 
 
 @ensure_deferred
@@ -864,3 +1213,31 @@ async def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path) -> 
             )
         finally:
             await store.close()
+
+
+# -- the queue runner reads content through the store -------------------------------
+
+
+class NoSmarthost:
+    async def deliver(self, envelope: Envelope, message: PreparedMessage) -> SendResult:
+        raise AssertionError("not used")
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("size", [100, 3 * 1024 * 1024])
+def test_the_runner_sends_content_from_the_message_file(
+    store: FilesystemStore, size: int
+) -> None:
+    """Small messages are read into memory, large ones streamed from a spool;
+    both are exactly the content, without the header and envelope."""
+    content = (b"Subject: big\r\n\r\n" + b"y" * 78 + b"\r\n") * (size // 96 + 1)
+    entry = an_entry(content)
+    store.add_sync(entry, content)
+    runner = QueueRunner(
+        store, [NoSmarthost()], Clock(), DeliverySettings(hostname="relay.test")
+    )
+    prepared = runner._message(entry)
+    assert (prepared.in_memory is None) == (size > 1024 * 1024)
+    assert b"".join(prepared.chunks()) == encode_body(content)

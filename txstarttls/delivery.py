@@ -73,6 +73,10 @@ SETUP_PHASES = frozenset(
     }
 )
 
+# Messages up to this size are read into memory to be sent; larger ones are
+# spooled to a temporary file and streamed from it.
+IN_MEMORY_CONTENT = 1024 * 1024
+
 # Our own settings are wrong, not the message: never bounce for these.
 _OUR_FAULT = (AuthenticationFailed, AuthenticationUnavailable, ConfigurationError)
 
@@ -434,10 +438,10 @@ class QueueRunner(Service):
         return apply_outcomes(entry, outcomes)
 
     def _message(self, entry: QueueEntry) -> PreparedMessage:
-        """The content, streamed from its file when the store has one."""
-        path = self.store.content_path(entry.queue_id)
-        if self.settings.rewrite_from is None and path is not None:
-            return prepare(path)
+        """The content: in memory when small, else spooled and streamed."""
+        if self.settings.rewrite_from is None and entry.size > IN_MEMORY_CONTENT:
+            with self.store.open_content(entry.queue_id) as source:
+                return prepare(source)
         content = self.store.read_content(entry.queue_id)
         if self.settings.rewrite_from is not None:
             content = rewrite_from_header(content, self.settings.rewrite_from)

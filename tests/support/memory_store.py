@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -59,6 +61,9 @@ class MemoryStore:
             return self.entries[queue_id]
         except KeyError:
             raise MessageNotFound(queue_id) from None
+
+    def open_content(self, queue_id: str) -> BinaryIO:
+        return io.BytesIO(self.read_content(queue_id))
 
     def content_path(self, queue_id: str) -> Path | None:
         return None

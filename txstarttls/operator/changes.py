@@ -63,7 +63,11 @@ def _remove_incoming(directory: Path, queue_id: str) -> None:
 
 
 def _in_messages(directory: Path, queue_id: str) -> bool:
-    return (directory / "messages" / f"{queue_id}.json").exists()
+    messages = directory / "messages"
+    # ID.msg, or ID.json for a message an older relay queued as two files.
+    return (messages / f"{queue_id}.msg").exists() or (
+        messages / f"{queue_id}.json"
+    ).exists()
 
 
 async def change_queue(

@@ -1,7 +1,9 @@
 """Reading the queue, without its lock: what ``mailq`` and ``show`` see.
 
-Envelopes are renamed into place whole, so a reader sees each one complete
-or not at all.
+Message files and envelopes are renamed into place whole, so a reader sees
+each one complete or not at all. ``messages/`` holds ``ID.msg`` files (with
+``ID.json`` beside once updated), or ``ID.eml`` and ``ID.json`` for messages
+an older relay queued; ``incoming/`` holds ``ID.eml`` and ``ID.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from txstarttls.operator.errors import (
     os_error,
 )
 from txstarttls.operator.files import READ_FLAGS, read_small
-from txstarttls.queue import CorruptEntry, QueueEntry, valid_queue_id
+from txstarttls.queue import (
+    CorruptEntry,
+    MessageNotFound,
+    QueueEntry,
+    open_queued_content,
+    read_queued_entry,
+    valid_queue_id,
+)
 from txstarttls.terminal import printable
 
 MAX_ENVELOPE_BYTES: Final = 16 * 1024 * 1024
@@ -61,6 +70,23 @@ def _listing(directory: Path) -> list[str]:
         raise os_error("list", directory, error) from None
 
 
+def _message_ids(location: str, names: list[str]) -> list[str]:
+    """The ids of the complete messages among ``names`` in ``location``."""
+    suffixes = (".msg", ".json") if location == "messages" else (".json",)
+    ids = {name.rsplit(".", 1)[0] for name in names if name.endswith(suffixes)}
+    return sorted(queue_id for queue_id in ids if valid_queue_id(queue_id))
+
+
+def _read(directory: Path, location: str, queue_id: str) -> QueueEntry:
+    """The message's envelope; FileNotFoundError once it is gone."""
+    if location == "messages":
+        try:
+            return read_queued_entry(directory, queue_id)
+        except MessageNotFound:
+            raise FileNotFoundError(queue_id) from None
+    return _read_entry(directory / location / f"{queue_id}.json", queue_id)
+
+
 def list_queue(directory: Path) -> tuple[list[QueuedMessage], list[str]]:
     """Every complete message, oldest first, and one line per unreadable one.
 
@@ -71,12 +97,9 @@ def list_queue(directory: Path) -> tuple[list[QueuedMessage], list[str]]:
     problems: list[str] = []
     for location in ("incoming", "messages"):
         folder = directory / location
-        for name in sorted(_listing(folder)):
-            queue_id = name.removesuffix(".json")
-            if not name.endswith(".json") or not valid_queue_id(queue_id):
-                continue
+        for queue_id in _message_ids(location, _listing(folder)):
             try:
-                entry = _read_entry(folder / name, queue_id)
+                entry = _read(directory, location, queue_id)
             except FileNotFoundError:
                 continue
             except CorruptEntry as error:
@@ -85,9 +108,13 @@ def list_queue(directory: Path) -> tuple[list[QueuedMessage], list[str]]:
                 )
                 continue
             except OSError as error:
-                raise os_error("read", folder / name, error) from None
+                raise os_error("read", _where(error, folder), error) from None
             found[queue_id] = QueuedMessage(entry, location)
     return [found[key] for key in sorted(found)], problems
+
+
+def _where(error: OSError, folder: Path) -> Path:
+    return Path(error.filename) if error.filename else folder
 
 
 def find_message(directory: Path, queue_id: str) -> QueuedMessage:
@@ -99,9 +126,8 @@ def find_message(directory: Path, queue_id: str) -> QueuedMessage:
             EX_USAGE,
         )
     for location in ("messages", "incoming"):
-        path = directory / location / f"{queue_id}.json"
         try:
-            return QueuedMessage(_read_entry(path, queue_id), location)
+            return QueuedMessage(_read(directory, location, queue_id), location)
         except FileNotFoundError:
             continue
         except CorruptEntry as error:
@@ -109,7 +135,7 @@ def find_message(directory: Path, queue_id: str) -> QueuedMessage:
                 f"message {queue_id} is corrupt: {error}", EX_DATAERR
             ) from None
         except OSError as error:
-            raise os_error("read", path, error) from None
+            raise os_error("read", _where(error, directory / location), error) from None
     raise OperatorError(
         f"no message {queue_id} in the queue {directory}", EX_UNAVAILABLE
     )
@@ -118,11 +144,18 @@ def find_message(directory: Path, queue_id: str) -> QueuedMessage:
 def read_content(directory: Path, message: QueuedMessage) -> bytes:
     path = directory / message.location / f"{message.queue_id}.eml"
     try:
+        if message.location == "messages":
+            with open_queued_content(directory, message.queue_id) as file:
+                return file.read()
         with open(os.open(path, READ_FLAGS), "rb") as file:
             return file.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, MessageNotFound):
         raise OperatorError(
             f"message {message.queue_id} left the queue meanwhile", EX_UNAVAILABLE
         ) from None
+    except CorruptEntry as error:
+        raise OperatorError(
+            f"message {message.queue_id} is corrupt: {error}", EX_DATAERR
+        ) from None
     except OSError as error:
-        raise os_error("read", path, error) from None
+        raise os_error("read", _where(error, path), error) from None

@@ -1,9 +1,11 @@
 """The relay's durable spool: a message is acknowledged only once it is on disk.
 
-One message is two files in ``messages/``: ``ID.eml`` (the content) and
-``ID.json`` (the envelope: strict JSON, never pickle). The envelope is renamed
-in last, so its presence is the commit point and recovery after a crash
-needs no log: an ``.eml`` without its ``.json`` was never acknowledged.
+One message is one file in ``messages/``, ``ID.msg``: a header line, the
+envelope (strict JSON, never pickle) and the content, fsynced and renamed in
+whole, so its presence is the commit point and recovery after a crash needs
+no log. An update writes ``ID.json`` beside it, which overrides the embedded
+envelope. Queues written before this layout hold ``ID.eml`` and ``ID.json``
+per message; the store and its readers still take them.
 
 Every write goes through one writer thread that takes all pending operations
 as a batch (group commit), and the reactor thread never waits on the disk.
@@ -18,6 +20,7 @@ The modules, from the bottom up:
 ``entry``       QueueEntry and RecipientState, and their JSON encoding
 ``interface``   IMessageStore, what any store promises
 ``files``       the directory layout and careful file calls
+``messagefile`` the one-file message format, and reading either layout
 ``operations``  add, update and remove, as phases of a batch
 ``incoming``    the ``incoming/`` drop and its adoption
 ``writer``      the writer thread and its group commit
@@ -42,6 +45,7 @@ from txstarttls.queue.filesystem import FilesystemStore
 from txstarttls.queue.ids import new_queue_id, valid_queue_id
 from txstarttls.queue.incoming import deliver_to_incoming
 from txstarttls.queue.interface import IMessageStore, RecoveryReport
+from txstarttls.queue.messagefile import open_queued_content, read_queued_entry
 from txstarttls.queue.writer import BATCH_MAX_BYTES, BATCH_MAX_OPERATIONS
 
 __all__ = [
@@ -61,5 +65,7 @@ __all__ = [
     "StoreLocked",
     "deliver_to_incoming",
     "new_queue_id",
+    "open_queued_content",
+    "read_queued_entry",
     "valid_queue_id",
 ]

@@ -1,5 +1,11 @@
 """The spool's directory layout and the careful file calls every writer uses.
 
+``messages/`` holds, per message, ``ID.msg`` (one file: a header line, the
+envelope as first written, then the content) and, once the message has been
+updated, ``ID.json`` (the current envelope, which overrides the embedded
+one). Spools written before the single-file layout hold ``ID.eml`` (the
+content) and ``ID.json`` (the envelope) instead; both layouts are read.
+
 Files are created exclusively, 0600, without following links; a failed
 creation leaves nothing behind. Every call goes through ``os.<name>`` at
 call time, so tests can wrap the os functions to count, fail or crash them.
@@ -29,6 +35,8 @@ CREATE_FLAGS: Final = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 )
 READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+JOIN_BELOW: Final = 64 * 1024
+"""Parts of a new file up to this size go out in one write() call."""
 
 
 @dataclass(slots=True)
@@ -53,11 +61,17 @@ class Layout:
     def incoming(self) -> str:
         return str(self.root / "incoming")
 
-    def content(self, queue_id: str) -> str:
-        return f"{self.messages}/{checked_id(queue_id)}.eml"
+    def message(self, queue_id: str) -> str:
+        """The message file: header, envelope as first written, content."""
+        return f"{self.messages}/{checked_id(queue_id)}.msg"
 
     def envelope(self, queue_id: str) -> str:
+        """The current envelope when it was updated (or of an older spool)."""
         return f"{self.messages}/{checked_id(queue_id)}.json"
+
+    def content(self, queue_id: str) -> str:
+        """The content file of a message queued in the older two-file layout."""
+        return f"{self.messages}/{checked_id(queue_id)}.eml"
 
     def quarantine(self, path: str) -> str:
         """Move ``path`` into ``corrupt/`` under a name that replaces nothing."""
@@ -69,22 +83,29 @@ class Layout:
         return target
 
 
-def create_file(path: str, data: bytes) -> int:
-    """Create ``path`` (0600, exclusively) holding ``data``; return its open fd.
+def create_file(path: str, *parts: bytes) -> int:
+    """Create ``path`` (0600, exclusively) holding ``parts``; return its open fd.
 
     On failure nothing is left behind.
     """
     fd = os.open(path, CREATE_FLAGS, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        if len(parts) > 1 and sum(map(len, parts)) <= JOIN_BELOW:
+            parts = (b"".join(parts),)
+        for part in parts:
+            write_all(fd, part)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     return fd
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def fsync_directory(path: str) -> None:

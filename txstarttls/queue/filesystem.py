@@ -1,9 +1,10 @@
 """The default message store: one locked directory, written by one thread.
 
-One message is two files in ``messages/``: ``ID.eml`` (the content) and
-``ID.json`` (the envelope). Reads happen here, in the caller's thread;
-every write is an operation for the :class:`BatchWriter`, whose Deferred
-fires only once the message is durable.
+One message is one file in ``messages/``, ``ID.msg`` (header, envelope,
+content), plus ``ID.json`` once its envelope was updated; messages of the
+older two-file layout (``ID.eml`` and ``ID.json``) are read and handled too.
+Reads happen here, in the caller's thread; every write is an operation for
+the :class:`BatchWriter`, whose Deferred fires only once it is durable.
 """
 
 from __future__ import annotations
@@ -13,30 +14,24 @@ import errno
 import fcntl
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from zope.interface import implementer
 
 from txstarttls.queue.entry import QueueEntry, check_size
-from txstarttls.queue.errors import (
-    CorruptEntry,
-    MessageNotFound,
-    StoreError,
-    StoreLocked,
-    disk,
-)
+from txstarttls.queue.errors import StoreError, StoreLocked, disk
 from txstarttls.queue.files import (
-    READ_FLAGS,
     Layout,
     ensure_directory,
     fsync_directory,
     is_regular,
-    read_small_file,
 )
 from txstarttls.queue.ids import checked_id, valid_queue_id
 from txstarttls.queue.incoming import Adopt
 from txstarttls.queue.interface import IMessageStore, RecoveryReport
+from txstarttls.queue.messagefile import open_content, read_entry
 from txstarttls.queue.operations import Add, Remove, Update
 from txstarttls.queue.recovery import recover
 from txstarttls.queue.writer import BatchWriter
@@ -140,37 +135,40 @@ class FilesystemStore:
     # -- reads -----------------------------------------------------------------
 
     def get(self, queue_id: str) -> QueueEntry:
-        path = self._layout.envelope(queue_id)
         try:
-            data = read_small_file(path)
-        except FileNotFoundError:
-            raise MessageNotFound(queue_id) from None
+            return read_entry(self._layout, queue_id)
         except OSError as exc:
-            raise StoreError.from_os_error("read", exc, path) from exc
-        entry = QueueEntry.from_json(data)
-        if entry.queue_id != queue_id:
-            raise CorruptEntry(f"envelope {path} names message {entry.queue_id}")
-        return entry
+            path = exc.filename or self._layout.message(queue_id)
+            raise StoreError.from_os_error("read", exc, str(path)) from exc
+
+    def open_content(self, queue_id: str) -> BinaryIO:
+        return self._open_content(queue_id)[0]
+
+    def _open_content(self, queue_id: str) -> tuple[BinaryIO, str]:
+        try:
+            return open_content(self._layout, queue_id)
+        except OSError as exc:
+            path = exc.filename or self._layout.message(queue_id)
+            raise StoreError.from_os_error("read", exc, str(path)) from exc
 
     def content_path(self, queue_id: str) -> Path | None:
         path = self._layout.content(queue_id)
         return Path(path) if is_regular(path) else None
 
     def read_content(self, queue_id: str) -> bytes:
-        path = self._layout.content(queue_id)
-        try:
-            fd = os.open(path, READ_FLAGS)
-        except FileNotFoundError:
-            raise MessageNotFound(queue_id) from None
-        except OSError as exc:
-            raise StoreError.from_os_error("read", exc, path) from exc
-        with os.fdopen(fd, "rb") as file, disk("read", path):
+        file, path = self._open_content(queue_id)
+        with file, disk("read", path):
             return file.read()
 
     def queue_ids(self) -> list[str]:
         with disk("list", self._layout.messages):
-            names = os.listdir(self._layout.messages)
-        ids = (name.removesuffix(".json") for name in names if name.endswith(".json"))
+            names = set(os.listdir(self._layout.messages))
+        ids = set()
+        for name in names:
+            queue_id, _, suffix = name.partition(".")
+            # An envelope counts alone only in the older two-file layout.
+            if suffix == "msg" or (suffix == "json" and f"{queue_id}.eml" in names):
+                ids.add(queue_id)
         return sorted(
             queue_id
             for queue_id in ids
@@ -180,9 +178,7 @@ class FilesystemStore:
     # -- start and stop --------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
-        return recover(
-            self._layout, self._writer, durable=self._durable, read_entry=self.get
-        )
+        return recover(self._layout, self._writer, durable=self._durable)
 
     def close(self) -> Deferred[None]:
         deferred: Deferred[None] = Deferred()

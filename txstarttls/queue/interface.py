@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
@@ -22,6 +23,8 @@ class RecoveryReport:
     kept: tuple[str, ...] = ()
     temporary_removed: int = 0
     unacknowledged_removed: tuple[str, ...] = ()
+    removal_leftovers: tuple[str, ...] = ()
+    """Envelopes whose message a removal cut short had already unlinked."""
     quarantined: tuple[str, ...] = ()
     """Queue ids (or odd file names) moved to ``corrupt/`` for a human."""
     adopted: tuple[str, ...] = ()
@@ -43,8 +46,14 @@ class IMessageStore(Interface):
     def get(queue_id: str) -> QueueEntry:
         """Read the envelope now (small and synchronous)."""
 
+    def open_content(queue_id: str) -> BinaryIO:
+        """The content as a file open at its first octet, for streaming it out;
+        the caller closes it. MessageNotFound when it is gone."""
+
     def content_path(queue_id: str) -> Path | None:
-        """Where the content is, for streaming it out; None when it is gone."""
+        """A file holding exactly the content, or None: the filesystem store
+        has one only for messages queued in its older two-file layout (use
+        :meth:`open_content` instead); a store in memory has none."""
 
     def read_content(queue_id: str) -> bytes:
         """The whole content, for small messages and tests."""

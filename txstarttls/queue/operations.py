@@ -3,6 +3,15 @@
 An operation never fsyncs a directory itself: the writer does that once per
 batch for every directory the batch touched (group commit), and only then
 does an operation's Deferred fire.
+
+Adding a message creates one file, ``tmp/ID.N.msg.tmp`` (header, envelope,
+content), fsyncs it and renames it to ``messages/ID.msg``: that rename is the
+commit point. An update renames a new ``ID.json`` over the old one. A
+removal unlinks ``ID.msg`` (the commit point), and only once the directory
+is fsynced its ``ID.json``: were the envelope to go first, a crash could
+bring the message back with the envelope it arrived with, undoing updates
+already acknowledged. Messages of the older two-file layout (``ID.eml`` and
+``ID.json``) are updated and removed as that layout always was.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from twisted.internet.defer import Deferred
 from txstarttls.queue.entry import QueueEntry
 from txstarttls.queue.errors import MessageNotFound, StoreError, disk
 from txstarttls.queue.files import Layout, create_file, remove_quietly
+from txstarttls.queue.messagefile import encode_head
 
 _sequence = itertools.count()
 
@@ -47,11 +57,14 @@ class Operation:
         self.temporary: list[str] = []
         self.fds: list[int] = []
 
-    def write_temporary(self, suffix: str, data: bytes) -> str:
-        name = self.queue_id or "adopt"
-        path = f"{self.layout.tmp}/{name}.{next(_sequence)}{suffix}.tmp"
+    def temporary_path(self, suffix: str, name: str | None = None) -> str:
+        name = name or self.queue_id or "adopt"
+        return f"{self.layout.tmp}/{name}.{next(_sequence)}{suffix}.tmp"
+
+    def write_temporary(self, suffix: str, *parts: bytes) -> str:
+        path = self.temporary_path(suffix)
         with disk("write", path):
-            self.fds.append(create_file(path, data))
+            self.fds.append(create_file(path, *parts))
         self.temporary.append(path)
         return path
 
@@ -101,35 +114,29 @@ class Add(Operation):
     def __init__(self, layout: Layout, entry: QueueEntry, content: bytes) -> None:
         super().__init__(layout)
         self.queue_id = entry.queue_id
-        self.envelope = entry.to_json()
+        self.head = encode_head(entry.to_json())
         self.content = content
-        self.weight = len(content) + len(self.envelope)
+        self.weight = len(content) + len(self.head)
 
     def prepare(self) -> None:
-        self.content_tmp = self.write_temporary(".eml", self.content)
-        self.envelope_tmp = self.write_temporary(".json", self.envelope)
+        self.message_tmp = self.write_temporary(".msg", self.head, self.content)
 
     def commit(self) -> None:
         assert self.queue_id is not None
-        content = self.layout.content(self.queue_id)
-        envelope = self.layout.envelope(self.queue_id)
-        if os.path.lexists(content) or os.path.lexists(envelope):
+        message = self.layout.message(self.queue_id)
+        if os.path.lexists(message) or os.path.lexists(
+            self.layout.envelope(self.queue_id)
+        ):
             raise StoreError(
                 f"queue id {self.queue_id} is already in use in {self.layout.messages}",
                 errno_code=errno.EEXIST,
-                path=envelope,
+                path=message,
             )
-        self.rename(self.content_tmp, content)
-        try:
-            self.rename(self.envelope_tmp, envelope)
-        except StoreError:
-            remove_quietly(content)
-            raise
+        self.rename(self.message_tmp, message)
 
     def rollback(self) -> None:
         assert self.queue_id is not None
-        remove_quietly(self.layout.envelope(self.queue_id))
-        remove_quietly(self.layout.content(self.queue_id))
+        remove_quietly(self.layout.message(self.queue_id))
 
 
 class Update(Operation):
@@ -147,8 +154,11 @@ class Update(Operation):
         envelope = self.layout.envelope(self.queue_id)
         # Never let an update resurrect a removed message as a bare envelope.
         if not (
-            os.path.lexists(envelope)
-            and os.path.lexists(self.layout.content(self.queue_id))
+            os.path.lexists(self.layout.message(self.queue_id))
+            or (
+                os.path.lexists(envelope)
+                and os.path.lexists(self.layout.content(self.queue_id))
+            )
         ):
             raise MessageNotFound(self.queue_id)
         self.rename(self.envelope_tmp, envelope)
@@ -158,8 +168,23 @@ class Remove(Operation):
     def __init__(self, layout: Layout, queue_id: str) -> None:
         super().__init__(layout)
         self.queue_id = queue_id
+        self.single_file = False
 
     def commit(self) -> None:
+        assert self.queue_id is not None
+        message = self.layout.message(self.queue_id)
+        try:
+            with disk("remove", message):
+                os.unlink(message)
+            self.single_file = True
+        except StoreError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            self.remove_two_files()
+        self.touched.add(self.layout.messages)
+
+    def remove_two_files(self) -> None:
+        """The older layout: envelope first, then the content (an orphan)."""
         assert self.queue_id is not None
         envelope = self.layout.envelope(self.queue_id)
         try:
@@ -170,4 +195,9 @@ class Remove(Operation):
                 raise
         # Without its envelope the content is an orphan that recovery removes.
         remove_quietly(self.layout.content(self.queue_id))
-        self.touched.add(self.layout.messages)
+
+    def finish(self) -> None:
+        assert self.queue_id is not None
+        # ID.msg is durably gone now; an updated message leaves its envelope.
+        if self.single_file and remove_quietly(self.layout.envelope(self.queue_id)):
+            self.touched.add(self.layout.messages)

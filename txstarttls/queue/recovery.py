@@ -1,47 +1,41 @@
 """Start-up recovery: after a crash, keep what was acknowledged, nothing else.
 
-No log is needed, because the envelope is renamed into ``messages/`` last:
-an ``.eml`` without its ``.json`` was never acknowledged and goes, anything
-in ``tmp/`` goes, and whatever does not decode exactly is moved to
-``corrupt/`` for a human. Then ``incoming/`` is adopted.
+No log is needed, because every commit point is one rename or unlink:
+anything in ``tmp/`` goes (never acknowledged); an ``ID.msg`` is a message;
+an ``ID.json`` alone is what a removal leaves when cut short after unlinking
+``ID.msg``, and goes. In the older two-file layout, an ``ID.eml`` without
+its ``ID.json`` was never acknowledged and goes. Whatever does not decode
+exactly is moved to ``corrupt/`` for a human. Then ``incoming/`` is adopted.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
 
 from twisted.logger import Logger
 
-from txstarttls.queue.entry import QueueEntry
-from txstarttls.queue.errors import CorruptEntry, StoreError, disk
-from txstarttls.queue.files import Layout, fsync_directory
+from txstarttls.queue.errors import CorruptEntry, disk
+from txstarttls.queue.files import Layout, fsync_directory, read_small_file
 from txstarttls.queue.ids import valid_queue_id
 from txstarttls.queue.incoming import Adopt
 from txstarttls.queue.interface import RecoveryReport
+from txstarttls.queue.messagefile import check_message, decode
 from txstarttls.queue.writer import BatchWriter
 
 # The spool logs as one component, whichever of its modules speaks.
 log = Logger(namespace="txstarttls.queue")
 
 
-def recover(
-    layout: Layout,
-    writer: BatchWriter,
-    *,
-    durable: bool,
-    read_entry: Callable[[str], QueueEntry],
-) -> RecoveryReport:
+def recover(layout: Layout, writer: BatchWriter, *, durable: bool) -> RecoveryReport:
     """Make the spool consistent again after a crash, before serving.
 
-    The writer must not run a batch meanwhile; ``read_entry`` is the store's
-    own envelope read, so recovery keeps exactly what the store can read.
+    The writer must not run a batch meanwhile.
     """
     with writer.io_lock:
         removed_tmp = clear_tmp(layout, durable=durable)
-        kept, unacknowledged, quarantined = check_messages(
-            layout, durable=durable, read_entry=read_entry
+        kept, unacknowledged, leftovers, quarantined = check_messages(
+            layout, durable=durable
         )
     adopt = Adopt(layout)
     writer.run_blocking(adopt)
@@ -52,17 +46,20 @@ def recover(
         kept=tuple(kept),
         temporary_removed=removed_tmp,
         unacknowledged_removed=tuple(unacknowledged),
+        removal_leftovers=tuple(leftovers),
         quarantined=tuple(quarantined),
         adopted=adopted,
     )
     log.info(
         "queue: recovered {directory}: {kept} messages kept, "
-        "{temporary} temporary files and {unacknowledged} unacknowledged "
-        "messages removed, {quarantined} quarantined, {adopted} adopted",
+        "{temporary} temporary files, {unacknowledged} unacknowledged "
+        "messages and {leftovers} envelopes of removed ones removed, "
+        "{quarantined} quarantined, {adopted} adopted",
         directory=str(layout.root),
         kept=len(report.kept),
         temporary=report.temporary_removed,
         unacknowledged=len(report.unacknowledged_removed),
+        leftovers=len(report.removal_leftovers),
         quarantined=len(report.quarantined),
         adopted=len(report.adopted),
         report=report,
@@ -90,34 +87,48 @@ def clear_tmp(layout: Layout, *, durable: bool) -> int:
 
 
 def check_messages(
-    layout: Layout, *, durable: bool, read_entry: Callable[[str], QueueEntry]
-) -> tuple[list[str], list[str], list[str]]:
-    """Keep complete messages; drop unacknowledged ones; quarantine the rest."""
+    layout: Layout, *, durable: bool
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Keep complete messages; drop unacknowledged ones and leftovers of
+    removals; quarantine the rest."""
     with disk("list", layout.messages):
         names = os.listdir(layout.messages)
     found: dict[str, set[str]] = {}
     strangers = []
     for name in names:
         stem, dot, suffix = name.partition(".")
-        if dot and suffix in ("eml", "json") and valid_queue_id(stem):
+        if dot and suffix in ("msg", "eml", "json") and valid_queue_id(stem):
             found.setdefault(stem, set()).add(suffix)
         else:
             strangers.append(name)
     kept: list[str] = []
     unacknowledged: list[str] = []
+    leftovers: list[str] = []
     quarantined: list[str] = []
     for queue_id in sorted(found):
         suffixes = found[queue_id]
+        if "msg" in suffixes and "eml" in suffixes:
+            # No writer makes both; the message file is the one acknowledged.
+            strangers.append(f"{queue_id}.eml")
+            suffixes.discard("eml")
         if suffixes == {"eml"}:
-            with disk("remove", layout.content(queue_id)):
-                os.unlink(layout.content(queue_id))
+            _remove(layout.content(queue_id))
             unacknowledged.append(queue_id)
             continue
-        reason = (
-            _problem(layout, queue_id, read_entry)
-            if "eml" in suffixes
-            else "no content"
-        )
+        if suffixes == {"json"}:
+            # ID.msg is unlinked first and durably: a removal was cut short.
+            log.info(
+                "queue: removing the envelope {queue_id}.json an interrupted "
+                "removal left",
+                queue_id=queue_id,
+            )
+            _remove(layout.envelope(queue_id))
+            leftovers.append(queue_id)
+            continue
+        if "msg" in suffixes:
+            reason = check_message(layout, queue_id, updated="json" in suffixes)
+        else:
+            reason = _problem(layout, queue_id)
         if reason is None:
             kept.append(queue_id)
             continue
@@ -137,24 +148,28 @@ def check_messages(
         with disk("quarantine", path):
             layout.quarantine(path)
         quarantined.append(name)
-    if (unacknowledged or quarantined) and durable:
+    if (unacknowledged or leftovers or quarantined) and durable:
         for directory in (layout.messages, layout.corrupt):
             with disk("fsync", directory):
                 fsync_directory(directory)
-    return kept, unacknowledged, quarantined
+    return kept, unacknowledged, leftovers, quarantined
 
 
-def _problem(
-    layout: Layout, queue_id: str, read_entry: Callable[[str], QueueEntry]
-) -> str | None:
-    """Why a message with both files cannot be kept, or None."""
+def _remove(path: str) -> None:
+    with disk("remove", path):
+        os.unlink(path)
+
+
+def _problem(layout: Layout, queue_id: str) -> str | None:
+    """Why a message of the two-file layout cannot be kept, or None."""
+    envelope = layout.envelope(queue_id)
     try:
-        entry = read_entry(queue_id)
+        entry = decode(read_small_file(envelope), envelope, queue_id)
         content = os.lstat(layout.content(queue_id))
     except CorruptEntry as exc:
         return str(exc)
-    except StoreError as exc:
-        return str(exc)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
     if not stat.S_ISREG(content.st_mode):
         return "content is not a regular file"
     if content.st_size != entry.size:

@@ -162,13 +162,16 @@ class BatchWriter:
         live = self._phase(live, lambda op: op.commit())
         live = self._sync_directories(live)
         live = self._phase(live, lambda op: op.finish())
+        # What finish() did (adopted drops unlinked, envelopes of removed
+        # messages) needs no group commit, but is made durable before the
+        # Deferreds fire all the same.
         for directory in sorted(set().union(*(op.touched for op in live))):
             if self._durable:
                 try:
                     fsync_directory(directory)
                 except OSError as exc:
                     log.warn(
-                        "queue: fsync of {directory} failed after adoption: {error}",
+                        "queue: fsync of {directory} failed after a batch: {error}",
                         directory=directory,
                         error=exc,
                     )
