@@ -9,9 +9,10 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import DeferredList, ensureDeferred
 
-from txstarttls.errors import OutcomeUnknown, RecipientsRefused
+from txstarttls.errors import ConfigurationError, OutcomeUnknown, RecipientsRefused
 from txstarttls.pool import ConnectionPool, PoolLimits, open_session
 from txstarttls.sasl import Credentials
+from txstarttls.send import send
 from txstarttls.session import Envelope, SendResult
 from txstarttls.testing import RunningServer, TestMailServer
 from txstarttls.tls import TLSPolicy
@@ -189,3 +190,31 @@ async def test_sessions_disable_nagle_so_ehlo_after_tls_is_not_delayed(
         assert transport.getTcpNoDelay()  # type: ignore[attr-defined]
     finally:
         session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_can_use_a_pool(
+    server: tuple[TestMailServer, RunningServer], tmp_path: object
+) -> None:
+    mail_server, running = server
+    pool = make_pool(mail_server, running, tmp_path, max_connections=1)
+    for n in range(3):
+        result = await send(
+            reactor,
+            sender="s@x.example",
+            recipients=[f"r{n}@y.example"],
+            message=MESSAGE,
+            pool=pool,
+        )
+        assert result.delivered
+    assert len(mail_server.factory.sessions) == 1
+    with pytest.raises(ConfigurationError):
+        await send(
+            reactor,
+            sender="s@x.example",
+            recipients=["r@y.example"],
+            message=MESSAGE,
+            pool=pool,
+            host="127.0.0.1",
+        )
+    await pool.close()

@@ -30,6 +30,7 @@ from txstarttls.errors import (
     TransientReplyError,
 )
 from txstarttls.message import PreparedMessage, prepare
+from txstarttls.pool import ConnectionPool, PoolLimits
 from txstarttls.reply import Capabilities, Reply
 from txstarttls.sasl import Credentials
 from txstarttls.send import deliver, send
@@ -53,6 +54,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionFailed",
     "ConnectionLost",
+    "ConnectionPool",
     "Credentials",
     "ESMTPClient",
     "ESMTPClientFactory",
@@ -63,6 +65,7 @@ __all__ = [
     "PermanentError",
     "PermanentReplyError",
     "Phase",
+    "PoolLimits",
     "PreparedMessage",
     "ProtocolViolation",
     "RecipientResult",

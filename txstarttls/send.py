@@ -8,7 +8,9 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 
 from txstarttls.client import Timeouts, Transcript
+from txstarttls.errors import ConfigurationError
 from txstarttls.message import MessageInput, PreparedMessage, prepare
+from txstarttls.pool import ConnectionPool
 from txstarttls.sasl import Credentials
 from txstarttls.session import Envelope, SendResult, run_session
 from txstarttls.tls import TLSMode, TLSPolicy
@@ -53,14 +55,23 @@ def send(
     allow_plaintext_auth: bool = False,
     trust_root: object | None = None,
     transcript: Transcript | None = None,
+    pool: ConnectionPool | None = None,
 ) -> Deferred[SendResult]:
     """Send one message; fires with a SendResult or fails with an SMTPError.
 
     Everything is validated before a connection is opened. Works with
-    ``await`` inside a coroutine run by ``ensureDeferred``.
+    ``await`` inside a coroutine run by ``ensureDeferred``. With ``pool`` the
+    message goes over one of its sessions, under its upstream's settings, and
+    no connection argument may be given.
     """
 
     async def run() -> SendResult:
+        if pool is not None:
+            if host is not None or endpoint is not None:
+                raise ConfigurationError(
+                    "give either a pool or host/endpoint settings, not both"
+                )
+            return await pool.deliver(Envelope(sender, tuple(recipients)), message)
         upstream = Upstream(
             host=host,
             port=port,
