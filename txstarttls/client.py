@@ -177,9 +177,9 @@ class ESMTPClient(LineReceiver):
         # commands share it instead of each scheduling and cancelling one.
         self._reply_timer: IDelayedCall | None = None
         self._phase_seconds = self.timeouts.table()
+        self._batch: list[bytes] | None = None
         # Arguments already validated on this connection: a pooled session
         # sends the same sender and parameters over and over.
-        self._batch: list[bytes] | None = None
         self._paths: dict[str, bytes] = {}
         self._parameters: dict[tuple[str, ...], bytes] = {}
         self._starttls_sent = False
