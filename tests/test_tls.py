@@ -112,3 +112,39 @@ def test_unknown_mode_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="use one of required"):
         TLSMode.parse("sometimes")
     assert TLSMode.parse("IMPLICIT") is TLSMode.IMPLICIT
+
+
+class _RecordingSocket:
+    def __init__(self) -> None:
+        self.options: list[tuple[int, int, int]] = []
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.socket = _RecordingSocket()
+
+
+class _Connection:
+    def __init__(self) -> None:
+        self.callback: object = None
+
+    def set_info_callback(self, callback: object) -> None:
+        self.callback = callback
+
+
+def test_tls13_session_tickets_are_acknowledged_at_once() -> None:
+    """No ~40 ms delayed-ACK stall per connection against a Nagling server."""
+    import socket
+
+    from txstarttls.client import _acknowledge_session_tickets
+
+    connection, transport = _Connection(), _Transport()
+    _acknowledge_session_tickets(connection, transport)  # type: ignore[arg-type]
+    assert callable(connection.callback)
+    connection.callback(connection, SSL.SSL_CB_LOOP, 1)
+    assert transport.socket.options == []
+    connection.callback(connection, SSL.SSL_CB_EXIT | 0x1000, 1)
+    assert transport.socket.options == [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)]
