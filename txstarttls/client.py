@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txstarttls.address import (
+    needs_smtputf8,
     validate_address,
     validate_hostname_argument,
     validate_parameter,
@@ -100,9 +101,6 @@ class Timeouts:
     end_of_data: float = 600.0
     overall: float | None = 3600.0
     """A deadline for a whole send(); None for no limit."""
-
-    def for_phase(self, phase: Phase) -> float:
-        return self.table()[phase]
 
     def table(self) -> dict[Phase, float]:
         """Seconds for every phase, looked up once per connection."""
@@ -509,7 +507,7 @@ class ESMTPClient(LineReceiver):
             path = b"<" + address.encode("utf-8") + b">"
             if len(self._paths) < _CACHE_LIMIT:
                 self._paths[address] = path
-        if not address.isascii() and not self.capabilities.smtputf8:
+        if needs_smtputf8(address) and not self.capabilities.smtputf8:
             raise ExtensionRequired(
                 f"address {address!r} needs SMTPUTF8, which the server does not offer"
             )

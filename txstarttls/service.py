@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from txstarttls.pool import ConnectionPool, PoolLimits
 from txstarttls.queue import FilesystemStore
 from txstarttls.sasl import Credentials
 from txstarttls.server import ListenerSettings, RelayServerFactory
+from txstarttls.session import local_hostname
 from txstarttls.testing import RunningServer, TestMailServer
 from txstarttls.tls import TLSPolicy
 from txstarttls.upstream import Upstream
@@ -194,7 +194,7 @@ class MetricsService(Service):
         return stopped
 
 
-class FlushWatcher(Service):
+class OperatorRequests(Service):
     """Applies what operators ask from the command line: flush, delete, requeue.
 
     ``txstarttls flush`` leaves a file in the queue directory; ``delete`` and
@@ -253,8 +253,7 @@ def demo_upstream(reactor: IReactorCore, queue: Path, ehlo_name: str) -> DemoUps
         credentials=Credentials("relay", password=password),
         ehlo_name=ehlo_name,
     )
-    trust_root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(server.ca_pem)])  # type: ignore[no-untyped-call]
-    return DemoUpstream(service, upstream, trust_root)
+    return DemoUpstream(service, upstream, server.trust_root())
 
 
 class _DemoUpstreamService(Service):
@@ -328,7 +327,8 @@ def smarthost_upstreams(reactor: IReactorCore, config: RelayConfig) -> list[Upst
 
 
 def relay_hostname(config: RelayConfig) -> str:
-    name: str = config["hostname"] or socket.getfqdn()
+    """--hostname, else this host's name (looked up once, see local_hostname)."""
+    name: str = config["hostname"] or local_hostname()
     return name if "." in name else "localhost.localdomain"
 
 
@@ -428,7 +428,7 @@ def build_relay_service(reactor: IReactorCore, config: RelayConfig) -> MultiServ
         metrics=metrics,
     )
     runner.setServiceParent(relay)  # type: ignore[no-untyped-call]
-    FlushWatcher(reactor, queue, runner).setServiceParent(relay)  # type: ignore[no-untyped-call]
+    OperatorRequests(reactor, queue, runner).setServiceParent(relay)  # type: ignore[no-untyped-call]
     for description in config["listen"]:
         factory = RelayServerFactory(
             replace(listener_settings, implicit_tls=description.startswith("ssl:")),

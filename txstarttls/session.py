@@ -9,6 +9,7 @@ recipient was accepted) is made here, in plain sight.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import socket
 from dataclasses import dataclass
@@ -157,7 +158,7 @@ class Session:
         self.upstream = upstream
         self.policy = upstream.tls
         self.tls = tls
-        self.ehlo_name = upstream.ehlo_name or _default_ehlo_name()
+        self.ehlo_name = upstream.ehlo_name or default_ehlo_name()
         self.plaintext_auth_ok = upstream.allow_plaintext_auth and _is_local_peer(
             client
         )
@@ -419,8 +420,14 @@ class Session:
             client.transport.loseConnection()
 
 
-def _default_ehlo_name() -> str:
-    name = socket.getfqdn()
+@functools.cache
+def local_hostname() -> str:
+    """This host's name; getfqdn() may ask DNS, so once per process."""
+    return socket.getfqdn()
+
+
+def default_ehlo_name() -> str:
+    name = local_hostname()
     try:
         return validate_hostname_argument(name)
     except InvalidArgument:

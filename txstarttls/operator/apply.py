@@ -37,7 +37,7 @@ class RequestRunner(Protocol):
 def apply_requests(directory: Path | str, runner: RequestRunner) -> Deferred[int]:
     """In the relay: apply every pending ``delete``/``requeue`` request.
 
-    Call it from the relay's one-second poll (``FlushWatcher``); it fires
+    Call it from the relay's one-second poll (``OperatorRequests``); it fires
     with the number of requests applied and never fails, so the poll goes
     on. Each request is claimed by renaming it (the waiting command can then
     no longer withdraw it) and removed once applied; a delete is done when
