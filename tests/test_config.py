@@ -110,6 +110,7 @@ BAD_VALUE_BY_PARSER = {
     "_optional_seconds": "soon",
     "_positive": "0",
     "_size": "lots",
+    "_count": "-1",
     "parse": "bogus",  # _choice(...) returns a closure named parse
     "_tls_mode": "bogus",
     "_fingerprint": "abc",
@@ -134,3 +135,27 @@ def test_every_option_rejects_a_bad_value_in_one_line_naming_it(option: object) 
         message = str(raised.value)
         assert message.startswith(f"--{option.name}"), message
         assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["0", "1", "64"])
+def test_listener_processes_takes_a_count_from_0_to_64(value: str) -> None:
+    assert build_config({"listener-processes": value})["listener-processes"] == int(
+        value
+    )
+
+
+@pytest.mark.parametrize("value", ["65", "two", "1.5", ""])
+def test_listener_processes_out_of_range_is_one_line(value: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"^--listener-processes: must be"):
+        build_config({"listener-processes": value})
+
+
+def test_listener_processes_refuse_a_listener_they_cannot_share() -> None:
+    listen = ["tcp:2525:interface=127.0.0.1", "ssl:4650:privateKey=k.pem"]
+    with pytest.raises(ConfigurationError) as raised:
+        build_config({"listener-processes": "2", "listen": listen})
+    message = str(raised.value)
+    assert message.startswith("--listener-processes: 'ssl:4650")
+    assert "\n" not in message
+    # In the relay process itself an ssl: listener is fine.
+    assert build_config({"listen": listen})["listener-processes"] == 0

@@ -18,6 +18,7 @@ from txstarttls.tls import TLSMode, parse_fingerprint
 
 DEFAULT_LISTEN = ("tcp:2525:interface=127.0.0.1",)
 DEFAULT_QUEUE = "/var/spool/txstarttls"
+MAX_LISTENER_PROCESSES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,19 @@ def _positive(name: str, value: Any) -> int:
         ) from None
     if number < 1:
         raise ConfigurationError(f"--{name}: must be a positive integer, got {value!r}")
+    return number
+
+
+def _count(name: str, value: Any) -> int:
+    try:
+        number = int(str(value), 10)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= MAX_LISTENER_PROCESSES:
+        raise ConfigurationError(
+            f"--{name}: must be a whole number from 0 to {MAX_LISTENER_PROCESSES},"
+            f" got {value!r}"
+        )
     return number
 
 
@@ -191,6 +205,10 @@ OPTIONS = (
            "DATA: reject (550 5.5.2) or normalize to CRLF", metavar="POLICY"),
     Option("metrics", _optional_text, None, "serve Prometheus metrics here "
            "(endpoint description)", metavar="ENDPOINT"),
+    Option("listener-processes", _count, 0, "accept SMTP in N child processes "
+           "sharing the listening sockets and the queue, each with its own "
+           "event loop and queue writer (0: in the relay process; tcp:, tcp6: "
+           "and unix: listeners only)", metavar="N"),
 )  # fmt: skip
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -275,6 +293,15 @@ def _check_together(values: Mapping[str, Any]) -> None:
         raise ConfigurationError("--minimal-backoff must not exceed --maximal-backoff")
     if not values["smarthost"] and values["username"] is not None:
         raise ConfigurationError("--username needs --smarthost")
+    if values["listener-processes"]:
+        for description in values["listen"]:
+            if not description.startswith(("tcp:", "tcp6:", "unix:")):
+                raise ConfigurationError(
+                    f"--listener-processes: {description!r} can only be served by"
+                    " the relay process (tcp:, tcp6: and unix: listeners can be"
+                    " shared); use --listener-processes 0, or tcp: with"
+                    " --inbound-cert for STARTTLS"
+                )
 
 
 def reference_markdown() -> str:

@@ -266,18 +266,7 @@ class QueueRunner(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
-        now = self.clock.seconds()
-        for queue_id in self.store.queue_ids():
-            try:
-                entry = self.store.get(queue_id)
-            except (MessageNotFound, ValueError) as error:
-                _log.error(
-                    "{queue_id}: cannot load: {error}",
-                    queue_id=queue_id,
-                    error=str(error),
-                )
-                continue
-            self.schedule(queue_id, max(entry.next_attempt, now))
+        self.pick_up_unscheduled()
         poller = LoopingCall(self._poll)
         poller.clock = self.clock
         self._poller = poller
@@ -320,6 +309,31 @@ class QueueRunner(Service):
             await pool.close()
 
     # --- scheduling ------------------------------------------------------------
+
+    def pick_up_unscheduled(self) -> int:
+        """Schedule every stored message not known yet; how many.
+
+        At start, and after a listener process ended without saying it had
+        queued a message it acknowledged.
+        """
+        known = {*self._timers, *self._active, *(qid for qid, _ in self._ready)}
+        now = self.clock.seconds()
+        found = 0
+        for queue_id in self.store.queue_ids():
+            if queue_id in known:
+                continue
+            try:
+                entry = self.store.get(queue_id)
+            except (MessageNotFound, ValueError) as error:
+                _log.error(
+                    "{queue_id}: cannot load: {error}",
+                    queue_id=queue_id,
+                    error=str(error),
+                )
+                continue
+            self.schedule(queue_id, max(entry.next_attempt, now))
+            found += 1
+        return found
 
     def notify_queued(self, queue_id: str) -> None:
         """A new message was queued: try it now."""

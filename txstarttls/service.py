@@ -32,7 +32,9 @@ from txstarttls.credentials import (
 )
 from txstarttls.delivery import DeliverySettings, QueueRunner, RetryPolicy
 from txstarttls.errors import ConfigurationError
-from txstarttls.metrics import PrometheusMetrics
+from txstarttls.listener_process import LISTENER_SETTINGS
+from txstarttls.listener_processes import ListenerProcesses
+from txstarttls.metrics import NullMetrics, PrometheusMetrics
 from txstarttls.operator import FLUSH_REQUEST, apply_requests
 from txstarttls.policy import check_listener_safety, parse_networks
 from txstarttls.pool import ConnectionPool, PoolLimits
@@ -332,7 +334,7 @@ def relay_hostname(config: RelayConfig) -> str:
     return name if "." in name else "localhost.localdomain"
 
 
-def _listener_settings(
+def listener_settings(
     reactor: IReactorCore, config: RelayConfig
 ) -> tuple[ListenerSettings, Portal | None]:
     tls_options = None
@@ -373,10 +375,19 @@ def _listener_settings(
     return settings, portal
 
 
+def listener_process_settings(config: RelayConfig) -> dict[str, Any]:
+    """The settings a listener process gets: its own, none of the smarthost's."""
+    settings = {name: config[name] for name in LISTENER_SETTINGS}
+    settings["listen"] = list(settings["listen"])
+    settings["allow"] = list(settings["allow"])
+    settings["hostname"] = relay_hostname(config)
+    return settings
+
+
 def build_relay_service(reactor: IReactorCore, config: RelayConfig) -> MultiService:
     """Everything ``twistd starttls-relay`` runs, checked before it starts."""
     queue = Path(config["queue"])
-    listener_settings, portal = _listener_settings(reactor, config)
+    settings, portal = listener_settings(reactor, config)
     relay = RelayService()  # type: ignore[no-untyped-call]
     try:
         store = FilesystemStore(queue, reactor)  # type: ignore[arg-type]
@@ -429,9 +440,21 @@ def build_relay_service(reactor: IReactorCore, config: RelayConfig) -> MultiServ
     )
     runner.setServiceParent(relay)  # type: ignore[no-untyped-call]
     OperatorRequests(reactor, queue, runner).setServiceParent(relay)  # type: ignore[no-untyped-call]
+    if config["listener-processes"]:
+        assert store.lock_fd is not None
+        ListenerProcesses(
+            reactor,
+            config["listen"],
+            config["listener-processes"],
+            listener_process_settings(config),
+            store.lock_fd,
+            runner,
+            metrics or NullMetrics(),
+        ).setServiceParent(relay)  # type: ignore[no-untyped-call]
+        return relay
     for description in config["listen"]:
         factory = RelayServerFactory(
-            replace(listener_settings, implicit_tls=description.startswith("ssl:")),
+            replace(settings, implicit_tls=description.startswith("ssl:")),
             store,
             reactor,  # type: ignore[arg-type]
             portal=portal,

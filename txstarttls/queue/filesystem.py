@@ -47,17 +47,21 @@ class FilesystemStore:
         reactor: IReactorFromThreads,
         *,
         durable: bool = True,
+        locked: bool = True,
     ) -> None:
+        """``locked=False`` is for a listener process only: it adds messages
+        to a queue whose lock its relay process holds (and shares with it)."""
         self.directory = Path(directory)
         self._durable = durable
         self._layout = Layout(self.directory)
-        self._lock_fd = self._lock()
+        self._lock_fd = self._lock() if locked else None
         try:
             with disk("create directory", str(self.directory)):
                 for path in ("tmp", "messages", "corrupt", "incoming"):
                     ensure_directory(self.directory / path, durable)
         except BaseException:
-            os.close(self._lock_fd)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             raise
         self._writer = BatchWriter(
             self.directory,
@@ -189,10 +193,17 @@ class FilesystemStore:
         self._writer.stop()
         return deferred
 
+    @property
+    def lock_fd(self) -> int | None:
+        """The locked descriptor: a listener process inherits it, so the
+        queue stays locked until the last process writing to it is gone."""
+        return self._lock_fd
+
     def _writer_stopped(self) -> None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        os.close(self._lock_fd)
+        # Closing, not LOCK_UN: a listener process still sharing the lock
+        # keeps it held until it is gone too.
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
         self._closed = True
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
