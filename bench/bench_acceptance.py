@@ -65,6 +65,7 @@ from relaybench import (
     ProbeResult,
     PySpy,
     Relay,
+    cpu_seconds,
     cpu_split,
     exit_on_signals,
     free_port,
@@ -227,10 +228,14 @@ def run_relay(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
             )
             stack.callback(spy.stop)
         cpu_before, threads_before = relay.cpu(), relay.thread_cpu()
+        own_before = cpu_seconds(relay.pid)
         sampler = MemorySampler(relay.memory)
         elapsed, probe = loaded_run(args, workdir, relay.port, sampler)
         cpu = relay.cpu() - cpu_before
         print(f"relay CPU: {cpu_split(threads_before, relay.thread_cpu(), elapsed)}")
+        listeners = cpu - (cpu_seconds(relay.pid) - own_before)
+        if relay.listener_pids():
+            print(f"listener processes: {100 * listeners / elapsed:.0f}% of a core")
         if perf is not None:
             perf.stop()
             print(f"\nrelay perf, round {round_} ({perf.output}):")

@@ -251,6 +251,21 @@ def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
     return {name: (user, system) for name, (user, system) in totals.items()}
 
 
+def child_pids(parent: int, marker: bytes) -> list[int]:
+    """Live children of ``parent`` whose command line holds ``marker``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is None or fields[0] == "Z" or int(fields[1]) != parent:
+            continue
+        with contextlib.suppress(OSError):
+            if marker in Path(f"/proc/{entry.name}/cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
 def _stat_fields_path(path: str) -> list[str] | None:
     try:
         text = Path(path).read_text()
@@ -364,11 +379,24 @@ class Relay:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def listener_pids(self) -> list[int]:
+        """The relay's live listener processes (``--listener-processes``)."""
+        return child_pids(self.pid, b"txstarttls.listener_process")
+
     def memory(self) -> tuple[int, int]:
-        return rollup_kb(self.pid) or (0, 0)
+        """(RSS, PSS) of the relay process and its listener processes, in kB."""
+        rss = pss = 0
+        for pid in (self.pid, *self.listener_pids()):
+            values = rollup_kb(pid)
+            if values is not None:
+                rss += values[0]
+                pss += values[1]
+        return rss, pss
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds of the relay, its reaped and its live listener processes."""
+        total = cpu_seconds(self.pid, children=True)
+        return total + sum(cpu_seconds(pid) for pid in self.listener_pids())
 
     def thread_cpu(self) -> dict[str, tuple[float, float]]:
         return thread_cpu(self.pid)
