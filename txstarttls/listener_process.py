@@ -273,4 +273,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("XX_PROFILE"):
+        import cProfile
+
+        cProfile.run("code = main()", f"/tmp/acc/child-{os.getpid()}.prof")
+        sys.exit(0)
     sys.exit(main())
