@@ -133,8 +133,7 @@ class BatchWriter:
                             operation.abort(
                                 StoreError(f"queue writer failed unexpectedly: {exc}")
                             )
-            for operation in batch:
-                self._complete(operation)
+            self._complete(batch)
         self._reactor.callFromThread(self._stopped)
 
     def _stopped(self) -> None:
@@ -154,7 +153,8 @@ class BatchWriter:
     def _run_batch(self, batch: list[Operation]) -> None:
         """Write everything, fsync everything, rename, fsync each directory once."""
         live = self._phase(batch, lambda op: op.prepare())
-        if self._durable and START_WRITEBACK:
+        # Early writeback only helps when there is more than one file to sync.
+        if self._durable and START_WRITEBACK and sum(len(op.fds) for op in live) > 1:
             for operation in live:
                 for fd in operation.fds:
                     start_writeback(fd)
@@ -211,24 +211,31 @@ class BatchWriter:
                 operation.abort(error)
         return survivors
 
-    def _complete(self, operation: Operation) -> None:
-        if operation.error is not None:
-            log.error(
-                "queue: {operation} {queue_id} failed: {error}",
-                operation=type(operation).__name__.strip("_").lower(),
-                queue_id=operation.queue_id,
-                error=str(operation.error),
-            )
-        if operation.event is not None:
-            operation.event.set()
-        else:
-            self._reactor.callFromThread(self._settle, operation)
+    def _complete(self, batch: list[Operation]) -> None:
+        """Wake whoever waits: threads directly, the reactor once per batch."""
+        settle = []
+        for operation in batch:
+            if operation.error is not None:
+                log.error(
+                    "queue: {operation} {queue_id} failed: {error}",
+                    operation=type(operation).__name__.strip("_").lower(),
+                    queue_id=operation.queue_id,
+                    error=str(operation.error),
+                )
+            if operation.event is not None:
+                operation.event.set()
+            else:
+                settle.append(operation)
+        if settle:
+            self._reactor.callFromThread(self._settle, settle)
 
-    def _settle(self, operation: Operation) -> None:
-        if operation.hidden_until_done and operation.queue_id is not None:
-            self.in_flight.discard(operation.queue_id)
-        assert operation.deferred is not None
-        if operation.error is None:
-            operation.deferred.callback(operation.result)
-        else:
-            operation.deferred.errback(operation.error)
+    def _settle(self, operations: list[Operation]) -> None:
+        for operation in operations:
+            if operation.hidden_until_done and operation.queue_id is not None:
+                self.in_flight.discard(operation.queue_id)
+        for operation in operations:
+            assert operation.deferred is not None
+            if operation.error is None:
+                operation.deferred.callback(operation.result)
+            else:
+                operation.deferred.errback(operation.error)
