@@ -76,6 +76,7 @@ from txstarttls.reply import (
 )
 from txstarttls.sasl import Mechanism
 from txstarttls.tls import ClientTLS, TLSInfo
+from txstarttls.write_now import write_now
 
 Transcript = Callable[[str, bytes], None]
 """Receives ("C", line) and ("S", line) for every line, AUTH data redacted."""
@@ -557,7 +558,7 @@ class ESMTPClient(LineReceiver):
         if self._batch is not None:
             self._batch.append(data)
         else:
-            self.transport.write(data)
+            write_now(self.transport, data)
         return waiter
 
     @contextmanager
@@ -573,7 +574,7 @@ class ESMTPClient(LineReceiver):
         finally:
             batch, self._batch = self._batch, None
             if batch and self.transport is not None and self._failure is None:
-                self.transport.write(b"".join(batch))
+                write_now(self.transport, b"".join(batch))
 
     def _expect(self, phase: Phase, *, seconds: float | None = None) -> Deferred[Reply]:
         if seconds is None:

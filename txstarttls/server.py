@@ -111,7 +111,7 @@ from txstarttls.smtp_arguments import (
     sender_address,
 )
 from txstarttls.userdb import IRelayUser
-from txstarttls.writethrough import write_through
+from txstarttls.write_now import write_now
 
 __all__ = ["DEFAULT_MAX_SIZE", "ListenerSettings", "RelayServer", "RelayServerFactory"]
 
@@ -545,7 +545,7 @@ class RelayServer(LineReceiver):
             f"{code}{' ' if index == last else '-'}{line}\r\n"
             for index, line in enumerate(lines)
         )
-        write_through(self._transport(), wire.encode("utf-8"))
+        write_now(self._transport(), wire.encode("utf-8"))
 
     def _count_reply(self, code: int) -> None:
         name = self._current
