@@ -116,7 +116,9 @@ def main(argv: list[str]) -> int:
     try:
         draw(medians(record), len(record), args.output)
     except ImportError:
-        print("chart_client: needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        print(
+            "chart_client: needs matplotlib (pip install matplotlib)", file=sys.stderr
+        )
         return 1
     print(f"wrote {args.output}")
     return 0
