@@ -1061,7 +1061,10 @@ def main(argv: list[str]) -> int:
         record: list[dict[str, Any]] = []
         for number in range(1, args.rounds + 1):
             results = []
-            for spec in specs:
+            # Each round starts with another sender, so that no sender is
+            # always first (or last) on a machine whose load drifts.
+            shift = (number - 1) % max(len(specs), 1)
+            for spec in specs[shift:] + specs[:shift]:
                 count = conn_n if spec.per_connection else args.messages
                 result = measure(spec, sink, ca, count, env)
                 results.append(result)
@@ -1070,6 +1073,7 @@ def main(argv: list[str]) -> int:
                     f"({result.elapsed:.2f} s, {result.tls})",
                     flush=True,
                 )
+            results.sort(key=lambda r: [s.name for s in specs].index(r.spec.name))
             rounds.append(results)
             print(f"\nround {number}, N={args.messages}, connection N={conn_n}:")
             print(format_table(results))
