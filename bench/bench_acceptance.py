@@ -29,7 +29,8 @@ Delivery is kept out of the way so only acceptance is measured:
 While smtp-source runs, a separate Python client (``relaybench.py probe``)
 sends paced messages over its own connections and times each final dot to
 its reply: the 50th and 99th percentiles are reported. The servers' memory
-(relay process; Postfix's whole process tree) is sampled from
+(relay process and any listener processes; Postfix's whole process tree) is
+sampled from
 ``/proc/PID/smaps_rollup``, their CPU from ``/proc/PID/stat``. Afterwards
 the queues must hold exactly what was sent (warm-up + load + probe).
 

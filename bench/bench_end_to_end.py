@@ -27,7 +27,8 @@ fresh sink, and in one run:
 ``smtp-source -s SESSIONS -m COUNT -l SIZE`` submits (after a warm-up that is
 delivered and discarded from the figures); the rate is messages counted at
 the sink over the wall time from the start of submission to the last
-arrival. Memory: the relay process's peak RSS and PSS against the peak PSS
+arrival. Memory: the relay's peak RSS and PSS (with its listener processes,
+if any, summed) against the peak PSS
 of Postfix's whole process tree (every process carrying the instance's
 ``MAIL_CONFIG``), sampled from ``/proc/PID/smaps_rollup``. Afterwards both
 queues must be empty.
@@ -269,6 +270,7 @@ def run_relay(
             print(f"\nrelay profile, round {round_} ({spy.output}):")
             print(summarize_profile(spy.output))
         hwm = peak_rss_kb(relay.pid)
+        listeners = relay.listener_pids()
         queued = wait_empty(lambda: relay.queued()["envelopes"])
         if queued:
             raise BenchError(f"the relay still holds {queued} messages\n{explain()}")
@@ -284,7 +286,7 @@ def run_relay(
             cpu,
             before,
             after,
-            "relay process",
+            "relay process" + (" and listener processes" if listeners else ""),
         )
 
 

@@ -148,14 +148,3 @@ def test_listener_processes_takes_a_count_from_0_to_64(value: str) -> None:
 def test_listener_processes_out_of_range_is_one_line(value: str) -> None:
     with pytest.raises(ConfigurationError, match=r"^--listener-processes: must be"):
         build_config({"listener-processes": value})
-
-
-def test_listener_processes_refuse_a_listener_they_cannot_share() -> None:
-    listen = ["tcp:2525:interface=127.0.0.1", "ssl:4650:privateKey=k.pem"]
-    with pytest.raises(ConfigurationError) as raised:
-        build_config({"listener-processes": "2", "listen": listen})
-    message = str(raised.value)
-    assert message.startswith("--listener-processes: 'ssl:4650")
-    assert "\n" not in message
-    # In the relay process itself an ssl: listener is fine.
-    assert build_config({"listen": listen})["listener-processes"] == 0

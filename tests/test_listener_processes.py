@@ -30,6 +30,7 @@ from tests.test_service import (
     twistd,
     until,
 )
+from txstarttls.config import build_config
 from txstarttls.listener_events import (
     LogLine,
     Metric,
@@ -44,6 +45,8 @@ from txstarttls.listener_events import (
 )
 from txstarttls.listener_processes import ListenerProcesses
 from txstarttls.queue import FilesystemStore, StoreLocked
+from txstarttls.service import ListenerService, StoreService, build_relay_service
+from txstarttls.testing import CertificateAuthority
 
 QUEUE_ID = "6616EE163ED08BC922"
 
@@ -370,26 +373,28 @@ def test_queue_stays_locked_while_a_listener_process_lives(tmp_path: Path) -> No
     os.close(other.lock_fd)  # type: ignore[arg-type]
 
 
-def test_listener_processes_with_an_ssl_listener_is_a_one_line_error(
-    tmp_path: Path,
-) -> None:
-    result = subprocess.run(
-        twistd(
-            "--queue",
-            str(tmp_path / "queue"),
-            "--listener-processes",
-            "2",
-            "--listen",
-            "ssl:0:privateKey=key.pem",
-        ),
-        env=relay_environment(),
-        capture_output=True,
-        timeout=60,
+@pytest_twisted.ensureDeferred
+async def test_an_ssl_listener_stays_in_the_relay_process(tmp_path: Path) -> None:
+    """Implicit TLS cannot be handed over as a bare socket: that listener is
+    served by the relay process, the others by listener processes."""
+    issued = CertificateAuthority("listener test CA").issue("mx.test.example")
+    cert, key = issued.write(tmp_path, "relay")
+    plain = "tcp:0:interface=127.0.0.1"
+    implicit = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    config = build_config(
+        {
+            "queue": str(tmp_path / "queue"),
+            "listen": [plain, implicit],
+            "listener-processes": "1",
+        }
     )
-    assert result.returncode != 0
-    assert b"--listener-processes: 'ssl:0:privateKey=key.pem' can only be served" in (
-        result.stdout + result.stderr
-    )
+    service = build_relay_service(reactor, config)
+    shared = [s for s in service if isinstance(s, ListenerProcesses)]
+    own = [s for s in service if isinstance(s, ListenerService)]
+    assert [s.descriptions for s in shared] == [(plain,)]
+    assert [s.description for s in own] == [implicit]
+    store = next(s for s in service if isinstance(s, StoreService)).store
+    await store.close()
 
 
 def test_events_that_cross_the_pipe_are_json_lines() -> None:

@@ -19,6 +19,8 @@ from txstarttls.tls import TLSMode, parse_fingerprint
 DEFAULT_LISTEN = ("tcp:2525:interface=127.0.0.1",)
 DEFAULT_QUEUE = "/var/spool/txstarttls"
 MAX_LISTENER_PROCESSES = 64
+SHAREABLE_LISTENERS = ("tcp:", "tcp6:", "unix:")
+"""Listeners whose sockets listener processes can take over as they are."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +209,8 @@ OPTIONS = (
            "(endpoint description)", metavar="ENDPOINT"),
     Option("listener-processes", _count, 0, "accept SMTP in N child processes "
            "sharing the listening sockets and the queue, each with its own "
-           "event loop and queue writer (0: in the relay process; tcp:, tcp6: "
-           "and unix: listeners only)", metavar="N"),
+           "event loop and queue writer (0: in the relay process; ssl: "
+           "listeners always stay in the relay process)", metavar="N"),
 )  # fmt: skip
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -293,15 +295,6 @@ def _check_together(values: Mapping[str, Any]) -> None:
         raise ConfigurationError("--minimal-backoff must not exceed --maximal-backoff")
     if not values["smarthost"] and values["username"] is not None:
         raise ConfigurationError("--username needs --smarthost")
-    if values["listener-processes"]:
-        for description in values["listen"]:
-            if not description.startswith(("tcp:", "tcp6:", "unix:")):
-                raise ConfigurationError(
-                    f"--listener-processes: {description!r} can only be served by"
-                    " the relay process (tcp:, tcp6: and unix: listeners can be"
-                    " shared); use --listener-processes 0, or tcp: with"
-                    " --inbound-cert for STARTTLS"
-                )
 
 
 def reference_markdown() -> str:

@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txstarttls.config import RelayConfig
+from txstarttls.config import SHAREABLE_LISTENERS, RelayConfig
 from txstarttls.credentials import (
     password_from_command,
     read_password_file,
@@ -375,10 +375,12 @@ def listener_settings(
     return settings, portal
 
 
-def listener_process_settings(config: RelayConfig) -> dict[str, Any]:
+def listener_process_settings(
+    config: RelayConfig, descriptions: list[str]
+) -> dict[str, Any]:
     """The settings a listener process gets: its own, none of the smarthost's."""
     settings = {name: config[name] for name in LISTENER_SETTINGS}
-    settings["listen"] = list(settings["listen"])
+    settings["listen"] = descriptions
     settings["allow"] = list(settings["allow"])
     settings["hostname"] = relay_hostname(config)
     return settings
@@ -440,19 +442,22 @@ def build_relay_service(reactor: IReactorCore, config: RelayConfig) -> MultiServ
     )
     runner.setServiceParent(relay)  # type: ignore[no-untyped-call]
     OperatorRequests(reactor, queue, runner).setServiceParent(relay)  # type: ignore[no-untyped-call]
+    in_process = list(config["listen"])
     if config["listener-processes"]:
+        shared = [d for d in in_process if d.startswith(SHAREABLE_LISTENERS)]
+        in_process = [d for d in in_process if d not in shared]
         assert store.lock_fd is not None
-        ListenerProcesses(
-            reactor,
-            config["listen"],
-            config["listener-processes"],
-            listener_process_settings(config),
-            store.lock_fd,
-            runner,
-            metrics or NullMetrics(),
-        ).setServiceParent(relay)  # type: ignore[no-untyped-call]
-        return relay
-    for description in config["listen"]:
+        if shared:
+            ListenerProcesses(
+                reactor,
+                shared,
+                config["listener-processes"],
+                listener_process_settings(config, shared),
+                store.lock_fd,
+                runner,
+                metrics or NullMetrics(),
+            ).setServiceParent(relay)  # type: ignore[no-untyped-call]
+    for description in in_process:
         factory = RelayServerFactory(
             replace(settings, implicit_tls=description.startswith("ssl:")),
             store,
