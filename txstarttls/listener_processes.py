@@ -22,9 +22,9 @@ from typing import Any, Final, Protocol, cast
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorCore
 from twisted.internet.protocol import ProcessProtocol, ServerFactory
 from twisted.logger import LogEvent, Logger, LogLevel, globalLogPublisher
@@ -267,7 +267,7 @@ class ListenerProcesses(Service):
         if timer.active():
             timer.cancel()
         for port in self.ports:
-            await port.stopListening()  # type: ignore[misc]
+            await maybeDeferred(port.stopListening)
         self.ports = []
 
     def _kill(self, children: list[_ListenerChild]) -> None:
@@ -317,7 +317,7 @@ class _ListenerChild(ProcessProtocol):
 
     def kill(self) -> None:
         if self.transport is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ProcessExitedAlready):
                 self.transport.signalProcess("KILL")
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
