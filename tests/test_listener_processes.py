@@ -401,3 +401,22 @@ def test_events_that_cross_the_pipe_are_json_lines() -> None:
     for line in (ready_line(), queued_line(QUEUE_ID), metric_line("auth_failed")):
         assert line.endswith(b"\n") and line.count(b"\n") == 1
         assert isinstance(json.loads(line), dict)
+
+
+def test_log_event_with_odd_fields_still_crosses_the_pipe() -> None:
+    """An observer that raised would be disabled by Twisted, and every later
+    log line of the listener process lost: whatever the event holds, a line
+    comes out."""
+    event = {
+        "log_format": "{thing}",
+        "thing": object(),
+        "log_system": object(),
+        "log_level": "not a level",
+        "log_namespace": "odd",
+        "log_time": 5,
+    }
+    parsed = parse_line(log_line(event))
+    assert isinstance(parsed, LogLine)
+    assert parsed.text.startswith("<object object at")
+    assert parsed.system is None
+    assert parsed.level == LogLevel.info

@@ -43,6 +43,7 @@ def metric_line(name: str, *args: object) -> bytes:
 
 def log_line(event: LogEvent) -> bytes:
     level = getattr(event.get("log_level"), "name", "info")
+    system = event.get("log_system")
     return (
         json.dumps(
             {
@@ -50,7 +51,7 @@ def log_line(event: LogEvent) -> bytes:
                 "namespace": str(event.get("log_namespace", "-")),
                 "level": level,
                 "time": float(event.get("log_time") or 0.0),
-                "system": event.get("log_system"),
+                "system": system if isinstance(system, str) else None,
             }
         ).encode()
         + b"\n"
