@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from twisted.logger import InvalidLogLevelError, LogEvent, LogLevel, eventAsText
+from twisted.logger import InvalidLogLevelError, LogEvent, LogLevel
 
+from txstarttls.logtext import render
 from txstarttls.queue import valid_queue_id
 
 MAX_LINE_OCTETS: Final = 1024 * 1024
@@ -55,23 +56,6 @@ def log_line(event: LogEvent) -> bytes:
             }
         ).encode()
         + b"\n"
-    )
-
-
-def render(event: LogEvent) -> str:
-    """The event's text, as Twisted's file observer would write it.
-
-    ``str.format_map`` does the common case in C; Twisted's own formatter
-    (call syntax, legacy events, tracebacks) takes whatever it cannot.
-    """
-    text = event.get("log_format")
-    if isinstance(text, str) and "log_failure" not in event:
-        try:
-            return text.format_map(event)
-        except Exception:
-            pass
-    return eventAsText(
-        event, includeTraceback=True, includeTimestamp=False, includeSystem=False
     )
 
 
