@@ -41,9 +41,9 @@ from txstarttls.listener_events import (
     parse_line,
     queued_line,
     ready_line,
-    render,
 )
 from txstarttls.listener_processes import ListenerProcesses
+from txstarttls.logtext import render
 from txstarttls.queue import FilesystemStore, StoreLocked
 from txstarttls.service import ListenerService, StoreService, build_relay_service
 from txstarttls.testing import CertificateAuthority

@@ -151,3 +151,21 @@ def test_twistd_with_the_cheaper_log_keeps_every_line(tmp_path: Path) -> None:
     )
     # twistd's last line comes after the reactor stopped: written at once.
     assert text.rstrip().endswith("Server Shut Down.")
+
+
+def test_an_event_that_cannot_be_formatted_costs_one_line_not_the_log(
+    pipe: tuple[int, int],
+) -> None:
+    class Hostile:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    read, write = pipe
+    reactor = FakeReactor()
+    reactor.running = False
+    observer = TurnBufferedObserver(write, reactor)
+    observer({"log_format": "x", "log_system": Hostile(), "log_time": 1.0})
+    observer({"log_format": "still logging", "log_time": 1.0})
+    lines = drain(read).decode().splitlines()
+    assert lines[0].endswith("UNFORMATTABLE EVENT")
+    assert lines[1].endswith("still logging")

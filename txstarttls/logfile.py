@@ -44,7 +44,12 @@ class TurnBufferedObserver:
         self._scheduled = False
 
     def __call__(self, event: LogEvent) -> None:
-        line = classic_line(event, self._stamps)
+        try:
+            line = classic_line(event, self._stamps)
+        except Exception:
+            # Twisted would disable an observer that raised: every later
+            # line would be lost for one odd event.
+            line = f"{self._stamps(event.get('log_time'))} [-] UNFORMATTABLE EVENT\n"
         if line is None:
             return
         with self._lock:
