@@ -117,6 +117,31 @@ async def test_send_delivers_and_prints_one_postfix_line_per_recipient(
 
 
 @pytest_twisted.ensureDeferred
+async def test_send_with_chunking_uses_bdat_over_a_real_tls_session(
+    server: tuple[TestMailServer, RunningServer], tmp_path: Path
+) -> None:
+    mail_server, running = server
+    mail_server.script.ehlo_extensions(
+        post_tls=["PIPELINING", "AUTH PLAIN", "ENHANCEDSTATUSCODES", "CHUNKING"]
+    )
+    code, _, err = await run_cli(
+        *base_args(mail_server, running, tmp_path),
+        *auth_args(tmp_path),
+        "--chunking",
+        "--to",
+        "a@example.net",
+        str(message_file(tmp_path, MESSAGE)),
+    )
+    assert code == 0, err
+    (received,) = mail_server.messages
+    assert received.data == MESSAGE
+    (session,) = mail_server.factory.sessions
+    sent = [line for direction, line in session.transcript if direction == "C"]
+    assert f"BDAT {len(MESSAGE)} LAST\r\n".encode() in sent
+    assert b"DATA\r\n" not in sent
+
+
+@pytest_twisted.ensureDeferred
 async def test_send_reads_the_message_from_stdin(
     server: tuple[TestMailServer, RunningServer], tmp_path: Path
 ) -> None:

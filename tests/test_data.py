@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from txstarttls.data import MAX_LINE_OCTETS, DataDecoder, DataEncoder, encode_body
 from txstarttls.errors import LineTooLong
+from txstarttls.message import unstuff
 
 Mode = Literal["reject", "normalize"]
 
@@ -35,8 +36,8 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def encode_chunks(chunks: list[bytes], **kwargs: int) -> bytes:
-    encoder = DataEncoder(**kwargs)
+def encode_chunks(chunks: list[bytes], *, max_line_octets: int = 998) -> bytes:
+    encoder = DataEncoder(max_line_octets=max_line_octets)
     return b"".join(encoder.encode(c) for c in chunks) + encoder.finish()
 
 
@@ -616,3 +617,19 @@ def test_decoder_size_limit_under_any_chunking(
     assert decoder.size_exceeded == (len(expected[0]) > max_size)
     assert expected[0].startswith(content)
     assert len(content) <= max_size or not decoder.size_exceeded
+
+
+# --- BDAT: the same lines, not dot-stuffed ---------------------------------------
+
+
+@given(_BODIES, _CUTS)
+def test_bdat_form_is_the_data_form_unstuffed_without_terminator(
+    body: bytes, cuts: list[int]
+) -> None:
+    encoder = DataEncoder(stuff=False)
+    canonical = b"".join(encoder.encode(part) for part in chunked(body, cuts))
+    canonical += encoder.finish()
+    assert unstuff(encode_body(body)) == canonical
+    assert canonical == b"" or canonical.endswith(b"\r\n")
+    assert b"\r" not in canonical.replace(b"\r\n", b"")
+    assert b"\n" not in canonical.replace(b"\r\n", b"")

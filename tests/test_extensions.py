@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from twisted.internet import ssl
@@ -10,6 +11,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from txstarttls import message as message_module
+from txstarttls import session as session_module
 from txstarttls.client import ESMTPClient
 from txstarttls.dsn import DSNRequest, xtext
 from txstarttls.errors import (
@@ -19,7 +22,7 @@ from txstarttls.errors import (
     RecipientsRefused,
     SMTPError,
 )
-from txstarttls.message import prepare
+from txstarttls.message import MessageInput, prepare
 from txstarttls.sasl import Credentials
 from txstarttls.session import Envelope, SendResult, run_session
 from txstarttls.testing import (
@@ -50,11 +53,12 @@ def client_view_after_auth() -> list[str]:
 
 def run(
     envelope: Envelope,
-    message: bytes,
+    message: MessageInput,
     *,
     pre_tls: Sequence[str] | None = None,
     post_tls: Sequence[str] | None = None,
     rules: Sequence[tuple[str, str]] = (),
+    chunking: bool = False,
 ) -> tuple[SendResult | Failure, ScriptedSMTPServerFactory, MemoryConnection]:
     """One session in memory against the scripted server; its outcome."""
     factory = ScriptedSMTPServerFactory(
@@ -69,6 +73,7 @@ def run(
         tls=TLSPolicy(),
         credentials=Credentials("u", password="p"),
         ehlo_name="client.example",
+        chunking=chunking,
     )
     tls = prepare_tls(upstream, trust_root=TRUST)
     client = ESMTPClient(Clock(), transcript=lambda *line: TRANSCRIPT.append(line))
@@ -235,3 +240,120 @@ def test_enhanced_status_codes_are_in_every_result() -> None:
     assert isinstance(error, SMTPError)
     assert error.is_transient
     assert [r.dsn for r in error.recipients] == ["4.2.1", "4.2.1"]  # type: ignore[attr-defined]
+
+
+# --- CHUNKING / BDAT (RFC 3030) ----------------------------------------------------
+
+CHUNKING = [*POST_TLS, "CHUNKING"]
+DOTTY = b"Subject: dots\r\n\r\n.one\r\n..two\r\nbare\nlf\r\n."
+
+
+def test_chunking_sends_the_body_unstuffed_with_bdat_last_when_enabled() -> None:
+    result, factory, _ = run(
+        Envelope("s@x.example", ("a@y.example",)),
+        DOTTY,
+        post_tls=CHUNKING,
+        chunking=True,
+    )
+    assert isinstance(result, SendResult)
+    assert [r.recipient for r in result.delivered] == ["a@y.example"]
+    canonical = b"Subject: dots\r\n\r\n.one\r\n..two\r\nbare\r\nlf\r\n.\r\n"
+    (message,) = factory.messages
+    assert message.data == canonical  # no dot-stuffing, no terminator
+    verbs = [line.split(b" ")[0] for line in commands(factory)]
+    assert b"DATA" not in verbs
+    assert f"BDAT {len(canonical)} LAST\r\n".encode() in commands(factory)
+    # MAIL and RCPT still went out together (PIPELINING), then BDAT.
+    assert client_view_after_auth()[:4] == ["C MAIL", "C RCPT", "S 250", "S 250"]
+
+
+def test_chunking_offered_but_not_enabled_uses_data() -> None:
+    result, factory, _ = run(
+        Envelope("s@x.example", ("a@y.example",)), DOTTY, post_tls=CHUNKING
+    )
+    assert isinstance(result, SendResult)
+    verbs = [line.split(b" ")[0].strip() for line in commands(factory)]
+    assert b"DATA" in verbs and b"BDAT" not in verbs
+
+
+def test_chunking_enabled_but_not_offered_uses_data() -> None:
+    result, factory, _ = run(
+        Envelope("s@x.example", ("a@y.example",)),
+        DOTTY,
+        post_tls=POST_TLS,
+        chunking=True,
+    )
+    assert isinstance(result, SendResult)
+    verbs = [line.split(b" ")[0].strip() for line in commands(factory)]
+    assert b"DATA" in verbs and b"BDAT" not in verbs
+
+
+def test_large_body_goes_in_counted_chunks_and_arrives_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(message_module, "CHUNK_SIZE", 100)
+    monkeypatch.setattr(session_module, "BDAT_CHUNK", 300)
+    lines = [b".line %d with a leading dot" % n for n in range(40)]
+    path = tmp_path / "big.eml"
+    path.write_bytes(b"Subject: big\n\n" + b"\n".join(lines) + b"\n")
+    result, factory, _ = run(
+        Envelope("s@x.example", ("a@y.example",)),
+        str(path),
+        post_tls=CHUNKING,
+        chunking=True,
+    )
+    assert isinstance(result, SendResult)
+    (message,) = factory.messages
+    assert message.data == path.read_bytes().replace(b"\n", b"\r\n")
+    bdats = [line for line in commands(factory) if line.startswith(b"BDAT ")]
+    assert len(bdats) > 3
+    assert all(not line.endswith(b"LAST\r\n") for line in bdats[:-1])
+    assert bdats[-1].endswith(b" LAST\r\n")
+    sizes = [int(line.split()[1]) for line in bdats]
+    assert sum(sizes) == len(message.data)
+    assert max(sizes) < 300 + 100 * 2  # bounded: memory stays flat
+
+
+def test_refused_last_chunk_fails_the_recipients() -> None:
+    result, factory, _ = run(
+        Envelope("s@x.example", ("a@y.example",)),
+        b"hi\r\n",
+        post_tls=CHUNKING,
+        chunking=True,
+        rules=[("DATA_END", "554 5.7.1 Rejected by policy")],
+    )
+    assert isinstance(result, Failure)
+    assert isinstance(result.value, SMTPError)
+    assert result.value.code == 554
+    assert not factory.messages
+
+
+def test_failed_chunk_ends_the_transaction_and_nothing_more_is_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(session_module, "BDAT_CHUNK", 10)
+    result, factory, _ = run(
+        Envelope("s@x.example", ("a@y.example",)),
+        b"x" * 50 + b"\r\n",
+        post_tls=CHUNKING,
+        chunking=True,
+        rules=[("BDAT", "452 4.3.1 Insufficient system storage")],
+    )
+    assert isinstance(result, Failure)
+    assert isinstance(result.value, SMTPError) and result.value.code == 452
+    bdats = [line for line in commands(factory) if line.startswith(b"BDAT ")]
+    assert bdats == [b"BDAT 52\r\n"]
+    assert not factory.messages
+
+
+def test_no_bdat_when_every_recipient_is_refused() -> None:
+    result, factory, _ = run(
+        Envelope("s@x.example", ("a@y.example",)),
+        b"hi\r\n",
+        post_tls=CHUNKING,
+        chunking=True,
+        rules=[("RCPT", "550 5.1.1 No such user")],
+    )
+    assert isinstance(result, Failure)
+    assert isinstance(result.value, RecipientsRefused)
+    assert not any(line.startswith(b"BDAT") for line in commands(factory))

@@ -8,6 +8,7 @@ with ESMTPSA (TLS and AUTH, RFC 3848) from our authenticated user.
 
 from __future__ import annotations
 
+import re
 import signal
 import smtplib
 import subprocess
@@ -89,6 +90,33 @@ def test_txstarttls_send_delivers_to_postfix_over_verified_starttls_with_auth(
     delivered = assert_delivered_with_tls_and_auth(postfix, recipient, token)
     # Dot-stuffing undone by Postfix: the line arrives as it was written.
     assert b"\n.leading dot" in delivered.replace(b"\r\n", b"\n")
+
+
+def test_txstarttls_send_with_chunking_delivers_to_postfix_with_bdat(
+    postfix: PostfixInstance, tmp_path: Path
+) -> None:
+    """Postfix's smtpd offers CHUNKING: the body goes as BDAT, unstuffed."""
+    recipient = postfix.address(unique("bdat"))
+    token = unique("token")
+    message = tmp_path / "message.eml"
+    message.write_bytes(
+        f"Subject: {token}\r\n\r\n.leading dot\r\n..two dots\r\n".encode()
+    )
+    completed = run_send(
+        postfix,
+        message,
+        *("--tls-hostname", postfix.tls_hostname, "--to", recipient, "-v"),
+        *("--username", postfix.username),
+        *("--password-file", str(password_file(postfix, tmp_path))),
+        "--chunking",
+    )
+    output = completed.stdout.decode() + completed.stderr.decode()
+    assert completed.returncode == 0, output + postfix.maillog_tail()
+    assert re.search(r"^-> BDAT \d+ LAST$", output, re.M), output
+    assert not re.search(r"^-> DATA$", output, re.M)
+    delivered = assert_delivered_with_tls_and_auth(postfix, recipient, token)
+    body = delivered.replace(b"\r\n", b"\n")
+    assert b"\n.leading dot\n..two dots\n" in body
 
 
 def test_wrong_password_is_a_permanent_authentication_failure(

@@ -175,6 +175,11 @@ def add_upstream_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow AUTH without TLS, to a loopback or UNIX-socket peer only",
     )
+    parser.add_argument(
+        "--chunking",
+        action="store_true",
+        help="send the body with BDAT (RFC 3030) when the server offers CHUNKING",
+    )
     parser.add_argument("--timeout", type=float, metavar="SECONDS")
 
 
@@ -243,6 +248,7 @@ def build_upstream(reactor: object, options: argparse.Namespace) -> Upstream:
         ehlo_name=options.ehlo,
         timeouts=timeouts,
         allow_plaintext_auth=options.allow_plaintext_auth,
+        chunking=options.chunking,
     )
 
 

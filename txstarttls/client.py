@@ -443,6 +443,18 @@ class ESMTPClient(LineReceiver):
         """DATA; a 354 means the caller may now send the encoded body."""
         return self._command(b"DATA", Phase.DATA)
 
+    def bdat(self, chunk: bytes, *, last: bool) -> Deferred[Reply]:
+        """BDAT (RFC 3030): one counted chunk of the body, in one write with
+        its command; only a 2xx to the LAST one means delivered."""
+        command = b"BDAT %d%s" % (len(chunk), b" LAST" if last else b"")
+        if last:
+            phase, seconds = Phase.END_OF_DATA, self.timeouts.end_of_data
+        else:
+            phase, seconds = Phase.DATA, self.timeouts.data_block
+        return self._send(
+            command + b"\r\n" + chunk, phase, shown=command, seconds=seconds
+        )
+
     def send_body(self, message: PreparedMessage | bytes) -> Deferred[Reply]:
         """Send an encoded (dot-stuffed, terminated) body; fire with its reply.
 
@@ -543,7 +555,14 @@ class ESMTPClient(LineReceiver):
             line + b"\r\n", phase, shown=shown if shown is not None else line
         )
 
-    def _send(self, data: bytes, phase: Phase, *, shown: bytes) -> Deferred[Reply]:
+    def _send(
+        self,
+        data: bytes,
+        phase: Phase,
+        *,
+        shown: bytes,
+        seconds: float | None = None,
+    ) -> Deferred[Reply]:
         if self._failure is not None:
             return fail(self._failure)
         if self._pending_tls is not None or self.transport is None:
@@ -553,7 +572,7 @@ class ESMTPClient(LineReceiver):
                     phase=phase,
                 )
             )
-        waiter = self._expect(phase)
+        waiter = self._expect(phase, seconds=seconds)
         self._record("C", shown)
         if self._batch is not None:
             self._batch.append(data)

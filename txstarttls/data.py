@@ -43,8 +43,13 @@ class DataEncoder:
     terminator.
     """
 
-    def __init__(self, *, max_line_octets: int = MAX_LINE_OCTETS) -> None:
+    def __init__(
+        self, *, max_line_octets: int = MAX_LINE_OCTETS, stuff: bool = True
+    ) -> None:
+        """``stuff=False`` is for BDAT (RFC 3030): CRLF lines, no dot-stuffing
+        and no terminator, the octets counted by the command instead."""
         self._max_line_octets = max_line_octets
+        self._stuff = stuff
         self._held_cr = False
         self._at_line_start = True
         self._line_octets = 0
@@ -80,9 +85,10 @@ class DataEncoder:
         self._check_lines(data)
         # Dot-stuffing (RFC 5321 section 4.5.2), including a line that began
         # in an earlier chunk's final CRLF.
-        if self._at_line_start and data.startswith(b"."):
-            data = b"." + data
-        data = data.replace(b"\r\n.", b"\r\n..")
+        if self._stuff:
+            if self._at_line_start and data.startswith(b"."):
+                data = b"." + data
+            data = data.replace(b"\r\n.", b"\r\n..")
         self._at_line_start = data.endswith(_CRLF)
         return data
 
@@ -123,12 +129,9 @@ class DataEncoder:
         if self._closed:
             raise RuntimeError("DataEncoder is finished (or failed); make a new one")
         self._closed = True
-        if self._held_cr:
-            self._held_cr = False
-            return b"\r\n.\r\n"
-        if self._at_line_start:
-            return b".\r\n"
-        return _TERMINATOR
+        ending = b"" if self._at_line_start and not self._held_cr else _CRLF
+        self._held_cr = False
+        return ending + b".\r\n" if self._stuff else ending
 
 
 def encode_body(body: bytes, *, max_line_octets: int = MAX_LINE_OCTETS) -> bytes:

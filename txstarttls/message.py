@@ -44,6 +44,12 @@ class PreparedMessage:
         assert self.in_memory is not None
         yield self.in_memory
 
+    def bdat_chunks(self) -> Iterator[bytes]:
+        """The body for BDAT (RFC 3030): CRLF lines, not dot-stuffed, no
+        terminator; in pieces, possibly empty ones."""
+        assert self.in_memory is not None
+        yield unstuff(self.in_memory)
+
     @classmethod
     def from_bytes(cls, message: bytes) -> PreparedMessage:
         return cls(
@@ -74,6 +80,9 @@ class FileMessage(PreparedMessage):
     def chunks(self) -> Iterator[bytes]:
         return self._encoded(DataEncoder())
 
+    def bdat_chunks(self) -> Iterator[bytes]:
+        return self._encoded(DataEncoder(stuff=False))
+
 
 class SpooledMessage(FileMessage):
     """A message from a stream that cannot be read twice, kept in a temp file."""
@@ -98,6 +107,17 @@ class SpooledMessage(FileMessage):
 
     def __del__(self) -> None:
         self.discard()
+
+
+def unstuff(encoded: bytes) -> bytes:
+    """DATA wire bytes back to the message: the terminator off, dots unstuffed.
+
+    Exact, since stuffing doubled every dot that began a line.
+    """
+    body = encoded[:-3]  # ".\r\n", the final CRLF being the last line's
+    if body.startswith(b".."):
+        body = body[1:]
+    return body.replace(b"\r\n..", b"\r\n.")
 
 
 def prepare(message: MessageInput | PreparedMessage) -> PreparedMessage:

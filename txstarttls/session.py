@@ -148,6 +148,10 @@ def reply_error(reply: Reply, phase: Phase, *, trusted: bool) -> SMTPError:
     )
 
 
+BDAT_CHUNK = 1024 * 1024
+"""Octets per BDAT command: few round trips, and memory stays bounded."""
+
+
 class Session:
     """Drives one connected ESMTPClient: open once, then one or more messages."""
 
@@ -313,6 +317,7 @@ class Session:
         """
         client = self.client
         parameters = self.mail_parameters(envelope, message)
+        chunking = self.upstream.chunking and client.capabilities.chunking
         if client.capabilities.pipelining:
             with client.pipeline():
                 pipelined = [
@@ -321,8 +326,9 @@ class Session:
                         client.rcpt(r, self.rcpt_parameters(envelope, r))
                         for r in envelope.recipients
                     ),
-                    client.data(),
                 ]
+                if not chunking:
+                    pipelined.append(client.data())
             # Every reply is in before any is judged: a connection lost half
             # way (after a 421, say) leaves no failed Deferred unhandled, and
             # the server's own reply to MAIL is the error reported.
@@ -334,7 +340,8 @@ class Session:
                     raise reply_error(first, Phase.MAIL, trusted=self.trusted)
                 raise errors[0]
             replies = cast(list[Reply], outcomes)
-            mail, rcpt_replies, data = replies[0], replies[1:-1], replies[-1]
+            mail, rcpt_replies = replies[0], replies[1 : len(envelope.recipients) + 1]
+            data = None if chunking else replies[-1]
         else:
             mail = await client.mail(envelope.sender, parameters)
             if not mail.is_success:
@@ -366,11 +373,14 @@ class Session:
                 recipients=refused,
                 transient=transient,
             )
-        if data is None:
-            data = await client.data()
-        if data.code != 354:
-            raise reply_error(data, Phase.DATA, trusted=self.trusted)
-        final = await client.send_body(message)
+        if chunking:
+            final = await self._send_chunks(message)
+        else:
+            if data is None:
+                data = await client.data()
+            if data.code != 354:
+                raise reply_error(data, Phase.DATA, trusted=self.trusted)
+            final = await client.send_body(message)
         self.check(final, Phase.END_OF_DATA)
         results = tuple(
             RecipientResult(
@@ -381,6 +391,23 @@ class Session:
             )
         )
         return results, final
+
+    async def _send_chunks(self, message: PreparedMessage) -> Reply:
+        """The body as BDAT chunks of up to BDAT_CHUNK octets; the last reply.
+
+        A failed chunk ends the transaction (RFC 3030 section 3): nothing
+        more is sent, and the session resets before its next message.
+        """
+        gathered: list[bytes] = []
+        size = 0
+        for piece in message.bdat_chunks():
+            gathered.append(piece)
+            size += len(piece)
+            if size >= BDAT_CHUNK:
+                reply = await self.client.bdat(b"".join(gathered), last=False)
+                self.check(reply, Phase.DATA)
+                gathered, size = [], 0
+        return await self.client.bdat(b"".join(gathered), last=True)
 
     async def _end_unwanted_data(self, data: Reply | None) -> None:
         """RFC 2920 3.1: a 354 that should not have come gets an empty body."""

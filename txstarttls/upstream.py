@@ -48,6 +48,9 @@ class Upstream:
     timeouts: Timeouts = field(default_factory=Timeouts)
     allow_plaintext_auth: bool = False
     """Let AUTH go over plaintext, but only to a loopback or UNIX-socket peer."""
+    chunking: bool = False
+    """Send bodies with BDAT (RFC 3030) instead of DATA when the server offers
+    CHUNKING: no dot-stuffing, each chunk counted."""
 
     def __post_init__(self) -> None:
         if (self.host is None) == (self.endpoint is None):

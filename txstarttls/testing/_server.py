@@ -63,7 +63,7 @@ _COMMAND_LINE_LIMIT = 16384
 # a broken client's long lines, not drop the connection over them.
 _DATA_LINE_LIMIT = 1024 * 1024
 
-_NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "BDAT", "ATRN"})
+_NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +119,10 @@ class _Transaction:
     data: list[bytes] = field(default_factory=list)
     data_size: int = 0
     too_big: bool = False
+    chunk_left: int = 0
+    """Octets of the BDAT chunk still to read (RFC 3030)."""
+    last_chunk: bool = False
+    bdat_argument: str = ""
 
 
 class _Reject(Exception):
@@ -258,7 +262,8 @@ class ScriptedSMTPServer(LineReceiver):
         except UnicodeDecodeError:
             self._send("500 5.5.2 Syntax error: invalid UTF-8")
             return
-        rule = self._script.take(verb, argument)
+        # A BDAT rule is applied once its chunk has been read.
+        rule = None if verb == "BDAT" else self._script.take(verb, argument)
         if rule is not None:
             self._apply(rule)
             return
@@ -400,6 +405,19 @@ class ScriptedSMTPServer(LineReceiver):
         self.MAX_LENGTH = _DATA_LINE_LIMIT
         self._send("354 End data with <CR><LF>.<CR><LF>")
 
+    def _smtp_bdat(self, argument: str) -> None:
+        # The chunk follows the command whatever the reply: read it first.
+        size, _, last = argument.partition(" ")
+        if not size.isdigit() or last.upper() not in ("", "LAST"):
+            raise _Reject("501 5.5.4 Syntax: BDAT size [LAST]")
+        self._txn.chunk_left = int(size)
+        self._txn.last_chunk = bool(last)
+        self._txn.bdat_argument = argument
+        if self._txn.chunk_left:
+            self.setRawMode()  # type: ignore[no-untyped-call]
+        else:
+            self._end_chunk()
+
     def _smtp_rset(self, argument: str) -> None:
         if argument:
             raise _Reject("501 5.5.4 Syntax: RSET takes no parameters")
@@ -426,6 +444,7 @@ class ScriptedSMTPServer(LineReceiver):
         "MAIL": _smtp_mail,
         "RCPT": _smtp_rcpt,
         "DATA": _smtp_data,
+        "BDAT": _smtp_bdat,
         "RSET": _smtp_rset,
         "NOOP": _smtp_noop,
         "VRFY": _smtp_vrfy,
@@ -480,6 +499,39 @@ class ScriptedSMTPServer(LineReceiver):
     def _end_auth(self, reply: str) -> None:
         self._auth = None
         self._send(reply)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        take = data[: self._txn.chunk_left]
+        self._record("C", take)
+        self._txn.chunk_left -= len(take)
+        self._txn.data_size += len(take)
+        if self._txn.data_size > self._settings.max_size:
+            self._txn.too_big = True
+            self._txn.data.clear()
+        elif take:
+            self._txn.data.append(take)
+        if self._txn.chunk_left:
+            return
+        rest = data[len(take) :]
+        self._end_chunk()
+        self.setLineMode(rest)  # type: ignore[no-untyped-call]
+
+    def _end_chunk(self) -> None:
+        rule = self._script.take("BDAT", self._txn.bdat_argument)
+        if rule is not None:
+            # A failed chunk fails the transaction (RFC 3030 section 3).
+            self._reset_transaction()
+            self._apply(rule)
+        elif "CHUNKING" not in self._extensions():
+            self._reset_transaction()
+            self._send("502 5.5.1 BDAT without CHUNKING")
+        elif self._txn.sender is None or not self._txn.recipients:
+            self._reset_transaction()
+            self._send("503 5.5.1 Error: need MAIL and RCPT before BDAT")
+        elif self._txn.last_chunk:
+            self._end_data()
+        else:
+            self._send(f"250 2.0.0 {self._txn.data_size} octets received")
 
     # -- DATA -----------------------------------------------------------------
 
