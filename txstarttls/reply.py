@@ -164,6 +164,15 @@ class ReplyParser:
         if match is None:
             raise self._fail(_grammar_error(line), line)
         code = int(match.group(1))
+        if (
+            self._code is None
+            and match.group(2) != b"-"
+            and len(line) + 2 <= self._max_reply_size
+        ):
+            # A one-line reply, nearly every one: no state to keep.
+            text = match.group(3)
+            first = sanitise(text) if text else ""
+            return Reply(code, (first,), _enhanced_status(code, first))
         if self._code is not None and code != self._code:
             raise self._fail(
                 f"multiline reply changed code from {self._code} to {code}", line
