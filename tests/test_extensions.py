@@ -18,11 +18,12 @@ from txstarttls.dsn import DSNRequest, xtext
 from txstarttls.errors import (
     ExtensionRequired,
     InvalidArgument,
+    LocalError,
     MessageTooLarge,
     RecipientsRefused,
     SMTPError,
 )
-from txstarttls.message import MessageInput, prepare
+from txstarttls.message import MessageInput, PreparedMessage, prepare
 from txstarttls.sasl import Credentials
 from txstarttls.session import Envelope, SendResult, run_session
 from txstarttls.testing import (
@@ -53,7 +54,7 @@ def client_view_after_auth() -> list[str]:
 
 def run(
     envelope: Envelope,
-    message: MessageInput,
+    message: MessageInput | PreparedMessage,
     *,
     pre_tls: Sequence[str] | None = None,
     post_tls: Sequence[str] | None = None,
@@ -357,3 +358,21 @@ def test_no_bdat_when_every_recipient_is_refused() -> None:
     assert isinstance(result, Failure)
     assert isinstance(result.value, RecipientsRefused)
     assert not any(line.startswith(b"BDAT") for line in commands(factory))
+
+
+def test_a_body_that_cannot_be_read_never_gets_its_last_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "gone.eml"
+    path.write_bytes(b"Subject: soon gone\r\n\r\nbody\r\n")
+    prepared = prepare(str(path))
+    path.unlink()
+    result, factory, _ = run(
+        Envelope("s@x.example", ("a@y.example",)),
+        prepared,
+        post_tls=CHUNKING,
+        chunking=True,
+    )
+    assert isinstance(result, Failure)
+    assert isinstance(result.value, LocalError)
+    assert "cannot read the message" in str(result.value)
+    assert not any(line.startswith(b"BDAT") for line in commands(factory))
+    assert not factory.messages

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -33,6 +34,7 @@ from txstarttls.errors import (
     AuthenticationFailed,
     ExtensionRequired,
     InvalidArgument,
+    LocalError,
     MessageTooLarge,
     PermanentReplyError,
     Phase,
@@ -393,14 +395,17 @@ class Session:
         return results, final
 
     async def _send_chunks(self, message: PreparedMessage) -> Reply:
-        """The body as BDAT chunks of up to BDAT_CHUNK octets; the last reply.
+        """The body as BDAT chunks of about BDAT_CHUNK octets; the last reply.
 
         A failed chunk ends the transaction (RFC 3030 section 3): nothing
-        more is sent, and the session resets before its next message.
+        more is sent, and the session resets before its next message. A body
+        that cannot be read to its end never gets its LAST chunk: the
+        connection is dropped instead.
         """
         gathered: list[bytes] = []
         size = 0
-        for piece in message.bdat_chunks():
+        pieces = message.bdat_chunks()
+        while (piece := self._next_piece(pieces)) is not None:
             gathered.append(piece)
             size += len(piece)
             if size >= BDAT_CHUNK:
@@ -408,6 +413,18 @@ class Session:
                 self.check(reply, Phase.DATA)
                 gathered, size = [], 0
         return await self.client.bdat(b"".join(gathered), last=True)
+
+    def _next_piece(self, pieces: Iterator[bytes]) -> bytes | None:
+        try:
+            return next(pieces, None)
+        except (SMTPError, OSError) as error:
+            failure = (
+                error
+                if isinstance(error, SMTPError)
+                else LocalError(f"cannot read the message: {error}")
+            )
+            self.client.abort(failure)
+            raise failure from None
 
     async def _end_unwanted_data(self, data: Reply | None) -> None:
         """RFC 2920 3.1: a 354 that should not have come gets an empty body."""
