@@ -129,13 +129,11 @@ class EventPipe:
         with self._lock:
             data, self._pending = b"".join(self._pending), []
         view = memoryview(data)
-        while view and not self.broken:
-            try:
+        try:
+            while view and not self.broken:
                 view = view[os.write(self._fd, view) :]
-            except BrokenPipeError:
-                self.broken = True  # the relay process is gone; stdin ends too
-            except InterruptedError:
-                continue
+        except BrokenPipeError:
+            self.broken = True  # the relay process is gone; stdin ends too
 
     def log_observer(self, event: LogEvent) -> None:
         self.send(log_line(event))
@@ -273,9 +271,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if os.environ.get("XX_PROFILE"):
-        import cProfile
-
-        cProfile.run("code = main()", f"/tmp/acc/child-{os.getpid()}.prof")
-        sys.exit(0)
     sys.exit(main())

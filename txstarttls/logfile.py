@@ -17,6 +17,7 @@ outright loses at most the lines of its last reactor turn. For ``twistd
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -74,13 +75,9 @@ class TurnBufferedObserver:
             if not lines:
                 return
             data = memoryview("".join(lines).encode("utf-8", "replace"))
-            while data:
-                try:
+            with contextlib.suppress(OSError):  # nowhere to log to: nothing to do
+                while data:
                     data = data[os.write(self._fd, data) :]
-                except InterruptedError:
-                    continue
-                except OSError:
-                    return  # nowhere to log to; nothing better to do
 
 
 def observer() -> TurnBufferedObserver:
