@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import sys
-import threading
 from dataclasses import dataclass, replace
 from typing import Any, Final, cast
 
@@ -39,6 +38,7 @@ from txstarttls.listener_events import (
 )
 from txstarttls.queue import FilesystemStore
 from txstarttls.server import RelayServerFactory
+from txstarttls.turnwriter import TurnBufferedWriter
 
 EVENTS_FD: Final = 3
 LOCK_FD: Final = 4
@@ -98,45 +98,15 @@ class Setup:
         return cls(dict(document["settings"]), sockets)
 
 
-class EventPipe:
-    """Event lines to the relay process, from any thread, a write per batch.
+class EventPipe(TurnBufferedWriter):
+    """Event lines to the relay process, from any thread, a write per turn.
 
-    Lines wait for the end of the current reactor turn and leave together;
-    the write blocks when the relay process is behind, which slows this
+    The write blocks when the relay process is behind, which slows this
     process down rather than dropping what it reports.
     """
 
-    def __init__(self, fd: int, reactor: Any) -> None:
-        self._fd = fd
-        self._reactor = reactor
-        self._pending: list[bytes] = []
-        self._lock = threading.Lock()
-        self._reactor_thread = threading.get_ident()
-        self.broken = False
-
-    def send(self, line: bytes) -> None:
-        with self._lock:
-            first = not self._pending
-            self._pending.append(line)
-        if not first:
-            return
-        if threading.get_ident() == self._reactor_thread:
-            self._reactor.callLater(0, self.flush)
-        else:
-            self._reactor.callFromThread(self.flush)
-
-    def flush(self) -> None:
-        with self._lock:
-            data, self._pending = b"".join(self._pending), []
-        view = memoryview(data)
-        try:
-            while view and not self.broken:
-                view = view[os.write(self._fd, view) :]
-        except BrokenPipeError:
-            self.broken = True  # the relay process is gone; stdin ends too
-
     def log_observer(self, event: LogEvent) -> None:
-        self.send(log_line(event))
+        self.write(log_line(event))
 
 
 class ForwardedMetrics:
@@ -146,13 +116,13 @@ class ForwardedMetrics:
         self._pipe = pipe
 
     def message_received(self, size: int) -> None:
-        self._pipe.send(metric_line("message_received", size))
+        self._pipe.write(metric_line("message_received", size))
 
     def auth_failed(self) -> None:
-        self._pipe.send(metric_line("auth_failed"))
+        self._pipe.write(metric_line("auth_failed"))
 
     def inbound_tls(self, version: str) -> None:
-        self._pipe.send(metric_line("inbound_tls", version))
+        self._pipe.write(metric_line("inbound_tls", version))
 
     def delivery(self, status: str, seconds: float) -> None:
         pass  # the relay process delivers
@@ -222,10 +192,10 @@ class ListenerProcess:
             )
             os.close(listening.fd)  # adoptStreamPort works on a duplicate
         self.reactor.addReader(_EndOfInput(self.reactor))
-        self.pipe.send(ready_line())
+        self.pipe.write(ready_line())
 
     def _queued(self, queue_id: str) -> None:
-        self.pipe.send(queued_line(queue_id))
+        self.pipe.write(queued_line(queue_id))
 
     async def stop(self) -> None:
         """No new connections, 421 to every client, stores finished."""

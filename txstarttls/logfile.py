@@ -17,32 +17,26 @@ outright loses at most the lines of its last reactor turn. For ``twistd
 from __future__ import annotations
 
 import atexit
-import contextlib
-import os
 import sys
-import threading
 from typing import Any
 
 from twisted.logger import ILogObserver, LogEvent, LogLevel
 from zope.interface import implementer
 
 from txstarttls.logtext import TimeStamps, classic_line
+from txstarttls.turnwriter import TurnBufferedWriter
 
 _URGENT = frozenset({LogLevel.error, LogLevel.critical})
 
 
 @implementer(ILogObserver)
 class TurnBufferedObserver:
-    """Writes event lines to ``fd``, one write per reactor turn."""
+    """Log lines to ``fd``, one write per reactor turn; errors at once."""
 
     def __init__(self, fd: int, reactor: Any) -> None:
-        self._fd = fd
-        self._reactor = reactor
+        self._out = TurnBufferedWriter(fd, reactor)
         self._stamps = TimeStamps()
-        self._pending: list[str] = []
-        self._lock = threading.Lock()
-        self._reactor_thread = threading.get_ident()
-        self._scheduled = False
+        self.flush = self._out.flush
 
     def __call__(self, event: LogEvent) -> None:
         try:
@@ -51,33 +45,11 @@ class TurnBufferedObserver:
             # Twisted would disable an observer that raised: every later
             # line would be lost for one odd event.
             line = f"{self._stamps(event.get('log_time'))} [-] UNFORMATTABLE EVENT\n"
-        if line is None:
-            return
-        with self._lock:
-            self._pending.append(line)
-            schedule = not self._scheduled
-            self._scheduled = True
-        if event.get("log_level") in _URGENT or not self._reactor.running:
-            # Before the reactor runs and after it stopped (twistd's last
-            # lines, then perhaps death by the signal that stopped it) no
-            # turn will come to write them.
-            self.flush()
-        elif schedule:
-            if threading.get_ident() == self._reactor_thread:
-                self._reactor.callLater(0, self.flush)
-            else:
-                self._reactor.callFromThread(self.flush)
-
-    def flush(self) -> None:
-        with self._lock:
-            lines, self._pending = self._pending, []
-            self._scheduled = False
-            if not lines:
-                return
-            data = memoryview("".join(lines).encode("utf-8", "replace"))
-            with contextlib.suppress(OSError):  # nowhere to log to: nothing to do
-                while data:
-                    data = data[os.write(self._fd, data) :]
+        if line is not None:
+            self._out.write(
+                line.encode("utf-8", "replace"),
+                now=event.get("log_level") in _URGENT,
+            )
 
 
 def observer() -> TurnBufferedObserver:
