@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import shutil
 import socket
 import sys
 import time
@@ -66,6 +64,7 @@ from relaybench import (
     ProbeResult,
     PySpy,
     Relay,
+    abba_order,
     cpu_seconds,
     cpu_split,
     exit_on_signals,
@@ -73,8 +72,10 @@ from relaybench import (
     machine_note,
     make_workdir,
     markdown_table,
-    overall,
     peak_rss_kb,
+    print_summary,
+    remove_workdir,
+    require_postfix_tools,
     smtp_source,
     summarize_profile,
 )
@@ -396,9 +397,7 @@ def report(outcomes: list[Outcome]) -> str:
 def main() -> int:
     args = parse_args()
     exit_on_signals()
-    for tool in ("smtp-source", "postfix", "postconf"):
-        if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
-            raise SystemExit(f"{tool} is not installed (Debian package postfix)")
+    require_postfix_tools()
     print(machine_note())
     print(
         f"smtp-source -s {args.sessions} -m {args.count} -l {args.size}"
@@ -409,40 +408,32 @@ def main() -> int:
     outcomes: list[Outcome] = []
     try:
         servers = ["relay", "postfix"] if args.only is None else [args.only]
-        for round_ in range(1, args.rounds + 1):
-            order = servers if round_ % 2 else list(reversed(servers))
-            for server in order:
-                where = workdir / f"{server}-{round_}"
-                where.mkdir(mode=0o755)
-                run = run_relay if server == "relay" else run_postfix
-                item = run(args, where, round_)
-                print(
-                    f"round {round_} {item.server}: {item.rate:.0f} msgs/s, p99 "
-                    f"{item.p99_ms:.1f} ms, peak PSS {item.peak_pss_mb:.0f} MB",
-                    flush=True,
-                )
-                outcomes.append(item)
-                # Queues are removed only at the end: on ext4 without a journal
-                # (as here) new inodes skip those freed in the last 30 s, so a
-                # removal now would slow the next configuration's file creation.
+        for round_, server in abba_order(servers, args.rounds):
+            where = workdir / f"{server}-{round_}"
+            where.mkdir(mode=0o755)
+            run = run_relay if server == "relay" else run_postfix
+            item = run(args, where, round_)
+            print(
+                f"round {round_} {item.server}: {item.rate:.0f} msgs/s, p99 "
+                f"{item.p99_ms:.1f} ms, peak PSS {item.peak_pss_mb:.0f} MB",
+                flush=True,
+            )
+            outcomes.append(item)
     except BenchError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"kept {workdir}")
-    print()
-    print(report(outcomes))
+        remove_workdir(workdir, args.keep)
     rates: dict[str, list[tuple[int, float]]] = {}
     for item in outcomes:
         rates.setdefault(item.server, []).append((item.messages, item.elapsed))
-    print()
-    for line in overall(rates, f"Postfix ({args.mode})"):
-        print(line)
-    if args.json is not None:
-        args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2))
+    print_summary(
+        report(outcomes),
+        rates,
+        f"Postfix ({args.mode})",
+        [asdict(o) for o in outcomes],
+        args.json,
+    )
     return 0
 
 

@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -64,6 +62,7 @@ from relaybench import (
     PySpy,
     Relay,
     Sink,
+    abba_order,
     build_sink,
     cpu_split,
     exit_on_signals,
@@ -71,8 +70,10 @@ from relaybench import (
     make_certificates,
     make_workdir,
     markdown_table,
-    overall,
     peak_rss_kb,
+    print_summary,
+    remove_workdir,
+    require_postfix_tools,
     smtp_source,
     summarize_profile,
 )
@@ -443,9 +444,7 @@ def report(outcomes: list[Outcome]) -> str:
 def main() -> int:
     args = parse_args()
     exit_on_signals()
-    for tool in ("smtp-source", "postfix", "postconf"):
-        if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
-            raise SystemExit(f"{tool} is not installed (Debian package postfix)")
+    require_postfix_tools()
     print(machine_note())
     print(
         f"smtp-source -s {args.sessions} -m {args.count} -l {args.size}; "
@@ -457,51 +456,43 @@ def main() -> int:
     try:
         binary = build_sink(workdir)
         ca, cert, key = make_certificates(workdir)
-        for round_ in range(1, args.rounds + 1):
-            order = chosen if round_ % 2 else list(reversed(chosen))
-            for name in order:
-                where = workdir / f"{name}-{round_}"
-                where.mkdir(mode=0o755)
-                sink = Sink(binary, where, cert, key)
-                try:
-                    if name == "txstarttls":
-                        item = run_relay(args, where, sink, ca, round_)
-                    else:
-                        item = run_postfix(
-                            args, where, sink, ca, round_, reuse=name.endswith("reuse")
-                        )
-                finally:
-                    sink.stop()
-                print(
-                    f"round {round_} {item.configuration}: {item.rate:.0f} msgs/s "
-                    f"end to end, {item.sink_connections} sink connections, peak "
-                    f"PSS {item.peak_pss_mb:.0f} MB",
-                    flush=True,
-                )
-                outcomes.append(item)
-                # Queues are removed only at the end: on ext4 without a journal
-                # (as here) new inodes skip those freed in the last 30 s, so a
-                # removal now would slow the next configuration's file creation.
+        for round_, name in abba_order(chosen, args.rounds):
+            where = workdir / f"{name}-{round_}"
+            where.mkdir(mode=0o755)
+            sink = Sink(binary, where, cert, key)
+            try:
+                if name == "txstarttls":
+                    item = run_relay(args, where, sink, ca, round_)
+                else:
+                    item = run_postfix(
+                        args, where, sink, ca, round_, reuse=name.endswith("reuse")
+                    )
+            finally:
+                sink.stop()
+            print(
+                f"round {round_} {item.configuration}: {item.rate:.0f} msgs/s "
+                f"end to end, {item.sink_connections} sink connections, peak "
+                f"PSS {item.peak_pss_mb:.0f} MB",
+                flush=True,
+            )
+            outcomes.append(item)
     except BenchError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"kept {workdir}")
-    print()
-    print(report(outcomes))
+        remove_workdir(workdir, args.keep)
     rates: dict[str, list[tuple[int, float]]] = {}
     for item in outcomes:
         rates.setdefault(item.configuration, []).append(
             (item.messages, item.delivered_seconds)
         )
-    print()
-    for line in overall(rates, "Postfix, TLS connection reuse"):
-        print(line)
-    if args.json is not None:
-        args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2))
+    print_summary(
+        report(outcomes),
+        rates,
+        "Postfix, TLS connection reuse",
+        [asdict(o) for o in outcomes],
+        args.json,
+    )
     return 0
 
 

@@ -158,6 +158,46 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
+def require_postfix_tools() -> None:
+    for tool in ("smtp-source", "postfix", "postconf"):
+        if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
+            raise SystemExit(f"{tool} is not installed (Debian package postfix)")
+
+
+def abba_order(names: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, name) with the order reversed every other round (ABBA)."""
+    for round_ in range(1, rounds + 1):
+        for name in names if round_ % 2 else list(reversed(names)):
+            yield round_, name
+
+
+def remove_workdir(workdir: Path, keep: bool) -> None:
+    # Queues are removed only at the end: on ext4 without a journal (as
+    # here) new inodes skip those freed in the last 30 s, so a removal
+    # between configurations would slow the next one's file creation.
+    if keep:
+        print(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_summary(
+    table: str,
+    rates: dict[str, list[tuple[int, float]]],
+    anchor: str,
+    records: list[dict[str, Any]],
+    json_path: Path | None,
+) -> None:
+    """The table, the rates over all rounds against ``anchor``, the JSON."""
+    print()
+    print(table)
+    print()
+    for line in overall(rates, anchor):
+        print(line)
+    if json_path is not None:
+        json_path.write_text(json.dumps(records, indent=2))
+
+
 def overall(rates: dict[str, list[tuple[int, float]]], anchor: str) -> list[str]:
     """Per configuration: total messages / total seconds over all rounds, ratio.
 
