@@ -1053,69 +1053,14 @@ def probe_main(argv: Sequence[str]) -> int:
 # -- profiling ---------------------------------------------------------------------
 
 
-class PySpy:
-    """``py-spy record`` on a process for the duration of a ``with`` block."""
+class _Recorder:
+    """A profiler attached to a process until ``stop()`` (SIGINT: it writes)."""
 
-    def __init__(
-        self, pid: int, output: Path, rate: int = 100, *, gil: bool = False
-    ) -> None:
-        """``gil``: sample only the thread holding the GIL (Python CPU)."""
-        binary = shutil.which("py-spy")
-        if binary is None:
-            raise BenchError("py-spy is not installed (pip install py-spy)")
+    def __init__(self, argv: list[str], output: Path, wait: float) -> None:
         self.output = output
+        self._wait = wait
         self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [
-                binary,
-                "record",
-                "--pid",
-                str(pid),
-                "--rate",
-                str(rate),
-                "--format",
-                "raw",
-                "--output",
-                str(output),
-                "--nonblocking",
-                *(["--gil"] if gil else []),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            terminate(process, 5)
-
-
-class Perf:
-    """``perf record -e cpu-clock -g`` on one process (kernel stacks included)."""
-
-    def __init__(self, pid: int, output: Path) -> None:
-        binary = shutil.which("perf")
-        if binary is None:
-            raise BenchError("perf is not installed (Debian package linux-perf)")
-        self.output = output
-        self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [
-                binary,
-                "record",
-                "-e",
-                "cpu-clock",
-                "-g",
-                "-p",
-                str(pid),
-                "-o",
-                str(output),
-            ],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -1128,9 +1073,38 @@ class Perf:
             return
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(60)
+            process.wait(self._wait)
         except subprocess.TimeoutExpired:
             terminate(process, 5)
+
+
+def _tool(name: str, install: str) -> str:
+    binary = shutil.which(name)
+    if binary is None:
+        raise BenchError(f"{name} is not installed ({install})")
+    return binary
+
+
+class PySpy(_Recorder):
+    """``py-spy record`` on a process for the duration of a ``with`` block."""
+
+    def __init__(
+        self, pid: int, output: Path, rate: int = 100, *, gil: bool = False
+    ) -> None:
+        """``gil``: sample only the thread holding the GIL (Python CPU)."""
+        binary = _tool("py-spy", "pip install py-spy")
+        argv = [binary, "record", "--pid", str(pid), "--rate", str(rate)]
+        argv += ["--format", "raw", "--output", str(output), "--nonblocking"]
+        super().__init__([*argv, *(["--gil"] if gil else [])], output, wait=30)
+
+
+class Perf(_Recorder):
+    """``perf record -e cpu-clock -g`` on one process (kernel stacks included)."""
+
+    def __init__(self, pid: int, output: Path) -> None:
+        binary = _tool("perf", "Debian package linux-perf")
+        argv = [binary, "record", "-e", "cpu-clock", "-g", "-p", str(pid)]
+        super().__init__([*argv, "-o", str(output)], output, wait=60)
 
     def summary(self, top: int = 25) -> str:
         """Top symbols by self time, user ([.]) and kernel ([k]) alike."""
