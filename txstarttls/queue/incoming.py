@@ -10,7 +10,6 @@ into one ``messages/ID.msg``, like any other message.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import os
 from collections.abc import Iterator
@@ -288,17 +287,11 @@ class Adopt(Operation):
 
     def place(self, adoption: Adoption) -> None:
         assert adoption.message_tmp is not None
-        message = self.layout.message(adoption.target_id)
-        if os.path.lexists(message) or os.path.lexists(
-            self.layout.envelope(adoption.target_id)
-        ):
-            raise StoreError(
-                f"queue id {adoption.target_id} was taken meanwhile; will retry",
-                errno_code=errno.EEXIST,
-                path=message,
-            )
-        self.rename(adoption.message_tmp, message)
-        adoption.committed = message
+        adoption.committed = self.rename_new_message(
+            adoption.message_tmp,
+            adoption.target_id,
+            f"queue id {adoption.target_id} was taken meanwhile; will retry",
+        )
 
     def rollback(self) -> None:
         for adoption in self.adoptions:

@@ -101,6 +101,15 @@ class Operation:
             remove_quietly(path)
         self.temporary.clear()
 
+    def rename_new_message(self, source: str, queue_id: str, taken: str) -> str:
+        """Rename ``source`` to ``messages/ID.msg``; StoreError ``taken`` (EEXIST)
+        rather than replace a message or envelope already there."""
+        message = self.layout.message(queue_id)
+        if os.path.lexists(message) or os.path.lexists(self.layout.envelope(queue_id)):
+            raise StoreError(taken, errno_code=errno.EEXIST, path=message)
+        self.rename(source, message)
+        return message
+
     def rename(self, source: str, target: str) -> None:
         with disk("rename", target):
             os.replace(source, target)
@@ -123,16 +132,11 @@ class Add(Operation):
 
     def commit(self) -> None:
         assert self.queue_id is not None
-        message = self.layout.message(self.queue_id)
-        if os.path.lexists(message) or os.path.lexists(
-            self.layout.envelope(self.queue_id)
-        ):
-            raise StoreError(
-                f"queue id {self.queue_id} is already in use in {self.layout.messages}",
-                errno_code=errno.EEXIST,
-                path=message,
-            )
-        self.rename(self.message_tmp, message)
+        self.rename_new_message(
+            self.message_tmp,
+            self.queue_id,
+            f"queue id {self.queue_id} is already in use in {self.layout.messages}",
+        )
 
     def rollback(self) -> None:
         assert self.queue_id is not None
