@@ -177,7 +177,7 @@ def _kind(value: object) -> str:
 
 
 def _check_keys(document: dict[str, object], cls: type, where: str) -> None:
-    expected = {item.name for item in dataclasses.fields(cls)}
+    expected = set(_field_names(cls))
     unknown = sorted(document.keys() - expected)
     if unknown:
         raise CorruptEntry(f"unknown key {brief(unknown[0])} in {where}")
