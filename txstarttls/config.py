@@ -19,8 +19,6 @@ from txstarttls.tls import TLSMode, parse_fingerprint
 DEFAULT_LISTEN = ("tcp:2525:interface=127.0.0.1",)
 DEFAULT_QUEUE = "/var/spool/txstarttls"
 MAX_LISTENER_PROCESSES = 64
-SHAREABLE_LISTENERS = ("tcp:", "tcp6:", "unix:")
-"""Listeners whose sockets listener processes can take over as they are."""
 
 
 @dataclass(frozen=True, slots=True)

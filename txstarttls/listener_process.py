@@ -170,6 +170,7 @@ class ListenerProcess:
         self.factories: list[RelayServerFactory] = []
 
     def start(self) -> None:
+        # Not at the top: txstarttls.service starts listener processes.
         from txstarttls.service import listener_settings
 
         config = build_config(self.setup.settings)

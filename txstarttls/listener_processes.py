@@ -49,6 +49,10 @@ from txstarttls.metrics import RelayMetrics
 
 _log = Logger(namespace="txstarttls.service")
 
+SHAREABLE_LISTENERS: Final = ("tcp:", "tcp6:", "unix:")
+"""Listeners whose sockets listener processes can take over as they are
+(an ``ssl:`` one would need its TLS settings, not just its socket)."""
+
 FIRST_RESTART_DELAY: Final = 1.0
 LONGEST_RESTART_DELAY: Final = 60.0
 STEADY_AFTER: Final = 30.0

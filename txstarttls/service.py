@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txstarttls.config import SHAREABLE_LISTENERS, RelayConfig
+from txstarttls.config import RelayConfig
 from txstarttls.credentials import (
     password_from_command,
     read_password_file,
@@ -33,7 +33,7 @@ from txstarttls.credentials import (
 from txstarttls.delivery import DeliverySettings, QueueRunner, RetryPolicy
 from txstarttls.errors import ConfigurationError
 from txstarttls.listener_process import LISTENER_SETTINGS
-from txstarttls.listener_processes import ListenerProcesses
+from txstarttls.listener_processes import SHAREABLE_LISTENERS, ListenerProcesses
 from txstarttls.metrics import NullMetrics, PrometheusMetrics
 from txstarttls.operator import FLUSH_REQUEST, apply_requests
 from txstarttls.policy import check_listener_safety, parse_networks
