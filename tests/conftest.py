@@ -1,4 +1,4 @@
-"""Shared fixtures: test certificates, a private Postfix, and the CI skip guard.
+"""Shared fixtures: certificates, a private Postfix, the runner's log, the CI guard.
 
 pytest-twisted runs tests on Twisted's default reactor, which is what we
 want, so nothing here selects one.
@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 
 import pytest
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from zope.interface import provider
 
 from tests.support.postfix import PostfixInstance
 from tests.support.requirements import (
@@ -52,6 +54,21 @@ def postfix(tls_files: TLSFiles) -> Iterator[PostfixInstance]:
         ca_file=tls_files.ca_file,
     ) as instance:
         yield instance
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """Every line the queue runner logs, formatted as an operator reads it."""
+    lines: list[str] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "txstarttls.delivery":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
 
 
 def pytest_report_header() -> str:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import email
 import email.policy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
-from zope.interface import provider
 
 from tests.support.memory_store import MemoryStore
 from txstarttls.delivery import (
@@ -93,20 +91,6 @@ def result(
 
 def accept_all(envelope: Envelope, message: PreparedMessage) -> SendResult | SMTPError:
     return result(envelope)
-
-
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace") == "txstarttls.delivery":
-            lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 class Harness:

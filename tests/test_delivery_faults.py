@@ -19,14 +19,12 @@ from __future__ import annotations
 import itertools
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
-from zope.interface import provider
 
 from tests.support.memory_smarthost import (
     GOOD_CERTIFICATE,
@@ -118,21 +116,6 @@ LOG_LINE = re.compile(
     r"dsn=(?P<dsn>[245]\.\d{1,3}\.\d{1,3}), "
     r"status=(?P<status>sent|deferred|bounced|expired) \((?P<reply>.*)\)$"
 )
-
-
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    """Every line the runner logs, formatted as an operator would read it."""
-    lines: list[str] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        if event.get("log_namespace") == "txstarttls.delivery":
-            lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 class RecordingStore(MemoryStore):

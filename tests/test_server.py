@@ -23,15 +23,13 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, capturedLogs, formatEvent
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tests.support.raw_client import RawClient as SharedRawClient
 from txstarttls.queue import IMessageStore, QueueEntry, StoreError
 from txstarttls.received import TLSDetails, received_header, transmission_type
 from txstarttls.reply import Reply, parse_replies
@@ -108,27 +106,8 @@ def strip_received(content: bytes) -> bytes:
     return b"\r\n".join(lines[index:])
 
 
-@implementer(IHandshakeListener)
-class RawClient(Protocol):
-    """Writes exactly the bytes a test gives it and keeps everything it reads."""
-
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.handshakes = 0
-        self.lost: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def handshakeCompleted(self) -> None:
-        self.handshakes += 1
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost = reason
-
-    def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+class RawClient(SharedRawClient):
+    """The shared raw client, able to start TLS towards the relay."""
 
     def start_tls(self, ca: CertificateAuthority) -> None:
         transport = self.transport

@@ -23,13 +23,10 @@ from hypothesis import strategies as st
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
+from tests.support.raw_client import RawClient
 from txstarttls.testing import (
     CertificateAuthority,
     IssuedCertificate,
@@ -70,31 +67,7 @@ def b64(data: bytes) -> bytes:
     return base64.b64encode(data)
 
 
-# -- an in-memory raw-bytes client --------------------------------------------
-
-
-@implementer(IHandshakeListener)
-class RawClient(Protocol):
-    """Collects whatever the server sends; the test decides what to write."""
-
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.handshakes = 0
-        self.lost: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def handshakeCompleted(self) -> None:
-        self.handshakes += 1
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost = reason
-
-    def take(self) -> bytes:
-        data = bytes(self.received)
-        self.received.clear()
-        return data
+# -- an in-memory session with a raw-bytes client -----------------------------
 
 
 class Session:
