@@ -65,6 +65,9 @@ from relaybench import (
     PySpy,
     Relay,
     abba_order,
+    add_load_options,
+    add_output_options,
+    add_relay_options,
     cpu_seconds,
     cpu_split,
     exit_on_signals,
@@ -111,10 +114,7 @@ class Outcome:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=10_000, help="messages")
-    parser.add_argument("--sessions", type=int, default=20, help="smtp-source -s")
-    parser.add_argument("--size", type=int, default=2048, help="payload octets")
-    parser.add_argument("--warmup", type=int, default=200, help="messages first")
+    add_load_options(parser)
     parser.add_argument("--reuse", action="store_true", help="smtp-source -d")
     parser.add_argument("--mode", choices=sorted(POSTFIX_MODES), default="hold")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA order")
@@ -124,25 +124,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe-rate", type=float, default=50.0, help="msgs/s")
     parser.add_argument("--probe-connections", type=int, default=2)
     parser.add_argument("--probe-limit", type=int, default=2000)
-    parser.add_argument(
-        "--relay-arg",
-        action="append",
-        default=[],
-        help="extra option for starttls-relay (repeatable)",
-    )
-    parser.add_argument(
-        "--twistd-arg",
-        action="append",
-        default=[],
-        help="extra twistd option, before the subcommand (repeatable)",
-    )
-    parser.add_argument(
-        "--relay-log",
-        choices=["pipe", "file"],
-        default="pipe",
-        help="relay's stdout log: through a pipe to another process (as under "
-        "systemd), or straight into a file",
-    )
+    add_relay_options(parser)
     parser.add_argument("--profile", type=Path, help="py-spy the relay into DIR")
     parser.add_argument(
         "--profile-gil",
@@ -150,8 +132,7 @@ def parse_args() -> argparse.Namespace:
         help="profile only the thread holding the GIL (Python CPU), not wall time",
     )
     parser.add_argument("--perf", type=Path, help="perf record the relay into DIR")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    add_output_options(parser)
     return parser.parse_args()
 
 

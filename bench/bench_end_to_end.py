@@ -63,6 +63,9 @@ from relaybench import (
     Relay,
     Sink,
     abba_order,
+    add_load_options,
+    add_output_options,
+    add_relay_options,
     build_sink,
     cpu_split,
     exit_on_signals,
@@ -129,40 +132,18 @@ class Tracker:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=10_000, help="messages")
-    parser.add_argument("--sessions", type=int, default=20, help="smtp-source -s")
-    parser.add_argument("--size", type=int, default=2048, help="payload octets")
-    parser.add_argument("--warmup", type=int, default=200, help="messages first")
+    add_load_options(parser)
     parser.add_argument("--rounds", type=int, default=2, help="ABBA order")
     parser.add_argument(
         "--only", action="append", choices=CONFIGURATIONS, help="repeatable"
     )
-    parser.add_argument(
-        "--relay-arg",
-        action="append",
-        default=[],
-        help="extra option for starttls-relay (repeatable)",
-    )
-    parser.add_argument(
-        "--twistd-arg",
-        action="append",
-        default=[],
-        help="extra twistd option, before the subcommand (repeatable)",
-    )
-    parser.add_argument(
-        "--relay-log",
-        choices=["pipe", "file"],
-        default="pipe",
-        help="relay's stdout log: through a pipe to another process (as under "
-        "systemd), or straight into a file",
-    )
+    add_relay_options(parser)
     parser.add_argument(
         "--timeout", type=float, default=240.0, help="seconds per configuration"
     )
     parser.add_argument("--profile", type=Path, help="py-spy the relay into DIR")
     parser.add_argument("--perf", type=Path, help="perf record the relay into DIR")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    add_output_options(parser)
     return parser.parse_args()
 
 

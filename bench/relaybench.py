@@ -158,6 +158,42 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """smtp-source's load: the same flags in every relay benchmark."""
+    parser.add_argument("--count", type=int, default=10_000, help="messages")
+    parser.add_argument("--sessions", type=int, default=20, help="smtp-source -s")
+    parser.add_argument("--size", type=int, default=2048, help="payload octets")
+    parser.add_argument("--warmup", type=int, default=200, help="messages first")
+
+
+def add_relay_options(parser: argparse.ArgumentParser) -> None:
+    """How the relay under test is started."""
+    parser.add_argument(
+        "--relay-arg",
+        action="append",
+        default=[],
+        help="extra option for starttls-relay (repeatable)",
+    )
+    parser.add_argument(
+        "--twistd-arg",
+        action="append",
+        default=[],
+        help="extra twistd option, before the subcommand (repeatable)",
+    )
+    parser.add_argument(
+        "--relay-log",
+        choices=["pipe", "file"],
+        default="pipe",
+        help="relay's stdout log: through a pipe to another process (as under "
+        "systemd), or straight into a file",
+    )
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+
+
 def require_postfix_tools() -> None:
     for tool in ("smtp-source", "postfix", "postconf"):
         if shutil.which(tool, path="/usr/sbin:/usr/bin") is None:
