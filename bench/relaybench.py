@@ -288,6 +288,17 @@ def rollup_kb(pid: int) -> tuple[int, int] | None:
     return rss, pss
 
 
+def summed_rollup_kb(pids: Iterable[int]) -> tuple[int, int]:
+    """(RSS, PSS) summed over the processes still alive, in kB."""
+    rss = pss = 0
+    for pid in pids:
+        values = rollup_kb(pid)
+        if values is not None:
+            rss += values[0]
+            pss += values[1]
+    return rss, pss
+
+
 def peak_rss_kb(pid: int) -> int:
     """VmHWM: the kernel's own record of the highest RSS."""
     with contextlib.suppress(OSError):
@@ -461,13 +472,7 @@ class Relay:
 
     def memory(self) -> tuple[int, int]:
         """(RSS, PSS) of the relay process and its listener processes, in kB."""
-        rss = pss = 0
-        for pid in (self.pid, *self.listener_pids()):
-            values = rollup_kb(pid)
-            if values is not None:
-                rss += values[0]
-                pss += values[1]
-        return rss, pss
+        return summed_rollup_kb([self.pid, *self.listener_pids()])
 
     def cpu(self) -> float:
         """CPU seconds of the relay, its reaped and its live listener processes."""
@@ -677,13 +682,7 @@ class Postfix:
 
     def memory(self) -> tuple[int, int]:
         """(RSS, PSS) summed over the whole process tree, in kB."""
-        rss = pss = 0
-        for pid in self.pids():
-            values = rollup_kb(pid)
-            if values is not None:
-                rss += values[0]
-                pss += values[1]
-        return rss, pss
+        return summed_rollup_kb(self.pids())
 
     def cpu(self) -> float:
         """CPU seconds of the tree: master with its reaped children, plus the live.
