@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -34,6 +34,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from tests.queue_crash_helper import CRASHED, message
+from tests.support.deferred import ensure_deferred
 from txstarttls.data import encode_body
 from txstarttls.delivery import DeliverySettings, QueueRunner
 from txstarttls.message import PreparedMessage
@@ -54,10 +55,6 @@ from txstarttls.queue import (
 )
 from txstarttls.queue.writer import BatchWriter
 from txstarttls.session import Envelope, SendResult
-
-ensure_deferred: Callable[
-    [Callable[..., Coroutine[Any, Any, None]]], Callable[..., Coroutine[Any, Any, None]]
-] = pytest_twisted.ensureDeferred
 
 reactor = cast(IReactorFromThreads, global_reactor)
 T = TypeVar("T")

@@ -7,13 +7,12 @@ listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -23,6 +22,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from tests.support.deferred import ensure_deferred
 from tests.support.hostile import unhandled_deferred_errors
 from txstarttls.client import Timeouts
 from txstarttls.errors import (
@@ -50,10 +50,6 @@ from txstarttls.testing import (
     listen_test_server,
     server_tls_options,
 )
-
-ensure_deferred: Callable[
-    [Callable[..., Coroutine[Any, Any, None]]], Callable[..., Coroutine[Any, Any, None]]
-] = pytest_twisted.ensureDeferred
 
 HOSTNAME = "mx.test.example"
 USERS = {"alice": "correct horse"}

@@ -12,12 +12,10 @@ import re
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Unpack
 
 import pytest
-import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import error
@@ -26,6 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 
+from tests.support.deferred import ensure_deferred
 from tests.support.raw_client import RawClient
 from txstarttls.testing import (
     CertificateAuthority,
@@ -41,10 +40,6 @@ from txstarttls.testing import (
     server_tls_options,
     start_test_server,
 )
-
-ensure_deferred: Callable[
-    [Callable[..., Coroutine[Any, Any, None]]], Callable[..., Coroutine[Any, Any, None]]
-] = pytest_twisted.ensureDeferred
 
 HOSTNAME = "mx.test.example"
 USERS = {"alice": "correct horse"}
