@@ -282,6 +282,27 @@ _BODIES = st.one_of(
     st.lists(_PIECES, max_size=40).map(b"".join),
 )
 _CUTS = st.lists(st.integers(0, 10_000), max_size=30)
+_CRLF_BODIES = st.lists(
+    st.sampled_from([b"", b".", b"..", b"a", b"x" * 997, b"x" * 998, b"x" * 999]),
+    max_size=8,
+).map(b"\r\n".join)
+
+
+@given(_CRLF_BODIES)
+@settings(max_examples=300)
+def test_whole_body_shortcut_matches_the_streaming_encoder(body: bytes) -> None:
+    """encode_body takes a shortcut for CRLF-only bodies: same bytes, same
+    refusal of a line over 998 octets, as the encoder fed the same body."""
+    encoder = DataEncoder()
+    try:
+        expected: bytes | type[LineTooLong] = encoder.encode(body) + encoder.finish()
+    except LineTooLong:
+        expected = LineTooLong
+    try:
+        got: bytes | type[LineTooLong] = encode_body(body)
+    except LineTooLong:
+        got = LineTooLong
+    assert got == expected
 
 
 @given(_BODIES, _CUTS)

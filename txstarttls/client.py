@@ -23,7 +23,6 @@ import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -117,6 +116,22 @@ class Timeouts:
             }
         )
         return table
+
+
+class _Pipeline:
+    """The context of ``ESMTPClient.pipeline()``: a class, not a generator,
+    since it runs once per message."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: ESMTPClient) -> None:
+        self._client = client
+
+    def __enter__(self) -> None:
+        self._client._begin_batch()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._client._end_batch()
 
 
 class _Waiter:
@@ -580,20 +595,22 @@ class ESMTPClient(LineReceiver):
             write_now(self.transport, data)
         return waiter
 
-    @contextmanager
-    def pipeline(self) -> Iterator[None]:
-        """Commands issued inside go out in one write (RFC 2920 PIPELINING).
+    def pipeline(self) -> _Pipeline:
+        """Commands issued inside ``with client.pipeline():`` go out in one
+        write (RFC 2920 PIPELINING).
 
         Under TLS that is one record instead of one per command. Only for a
         server that offers PIPELINING, and never around EHLO, STARTTLS or AUTH.
         """
+        return _Pipeline(self)
+
+    def _begin_batch(self) -> None:
         self._batch = []
-        try:
-            yield
-        finally:
-            batch, self._batch = self._batch, None
-            if batch and self.transport is not None and self._failure is None:
-                write_now(self.transport, b"".join(batch))
+
+    def _end_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch and self.transport is not None and self._failure is None:
+            write_now(self.transport, b"".join(batch))
 
     def _expect(self, phase: Phase, *, seconds: float | None = None) -> Deferred[Reply]:
         if seconds is None:

@@ -136,6 +136,16 @@ class DataEncoder:
 
 def encode_body(body: bytes, *, max_line_octets: int = MAX_LINE_OCTETS) -> bytes:
     """The complete DATA wire bytes for ``body``, terminator included."""
+    lines = body.split(_CRLF)
+    if max(map(len, lines)) <= max_line_octets:
+        # Nearly every message: CRLF lines already, none too long. One split
+        # answers both questions, where the streaming encoder needs more passes.
+        rest = b"".join(lines)
+        if b"\r" not in rest and b"\n" not in rest:
+            stuffed = body.replace(b"\r\n.", b"\r\n..")
+            if body.startswith(b"."):
+                stuffed = b"." + stuffed
+            return stuffed + (b".\r\n" if not lines[-1] else b"\r\n.\r\n")
     encoder = DataEncoder(max_line_octets=max_line_octets)
     return encoder.encode(body) + encoder.finish()
 

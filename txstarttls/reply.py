@@ -107,6 +107,21 @@ class Reply:
         return (f"{self.code} " + " ".join(self.lines)).strip()
 
 
+_ONE_LINE_REPLIES: dict[bytes, Reply] = {}
+_ONE_LINE_CACHE_SIZE = 256
+_ONE_LINE_CACHE_OCTETS = 512
+"""A peer repeats the same few one-line replies ("250 2.1.0 Ok") message after
+message; each distinct line is parsed once. Replies are immutable, so sharing
+them is safe, and a full cache is simply emptied."""
+
+
+def _one_line_reply(match: re.Match[bytes]) -> Reply:
+    code = int(match.group(1))
+    text = match.group(3)
+    first = sanitise(text) if text else ""
+    return Reply(code, (first,), _enhanced_status(code, first))
+
+
 def _enhanced_status(code: int, first_line: str) -> str | None:
     match = _ENHANCED.match(first_line)
     if match is None or int(match.group(1)) != code // 100:
@@ -160,19 +175,21 @@ class ReplyParser:
             raise self._fail(
                 f"line of {len(line)} octets exceeds {self._max_line_length}", line
             )
+        one_line = self._code is None and len(line) + 2 <= self._max_reply_size
+        if one_line and (known := _ONE_LINE_REPLIES.get(line)) is not None:
+            return known
         match = _REPLY_LINE.fullmatch(line)
         if match is None:
             raise self._fail(_grammar_error(line), line)
-        code = int(match.group(1))
-        if (
-            self._code is None
-            and match.group(2) != b"-"
-            and len(line) + 2 <= self._max_reply_size
-        ):
+        if one_line and match.group(2) != b"-":
             # A one-line reply, nearly every one: no state to keep.
-            text = match.group(3)
-            first = sanitise(text) if text else ""
-            return Reply(code, (first,), _enhanced_status(code, first))
+            reply = _one_line_reply(match)
+            if len(line) <= _ONE_LINE_CACHE_OCTETS:
+                if len(_ONE_LINE_REPLIES) >= _ONE_LINE_CACHE_SIZE:
+                    _ONE_LINE_REPLIES.clear()
+                _ONE_LINE_REPLIES[line] = reply
+            return reply
+        code = int(match.group(1))
         if self._code is not None and code != self._code:
             raise self._fail(
                 f"multiline reply changed code from {self._code} to {code}", line

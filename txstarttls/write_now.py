@@ -7,9 +7,9 @@ into one record. An SMTP peer writes one reply, or one pipelined batch of
 commands, and then waits for the other side, so those turns are pure
 overhead on every exchange (a quarter of a listener's time under
 smtp-source). After writing, :func:`write_now` sends what is buffered right
-away, with the calls the reactor would make a turn later. The bytes always
-go through ``transport.write`` first, so under TLS they are encrypted as
-usual; a connection with a producer attached (a streamed body) keeps the
+away, with the calls the reactor would make a turn later. Under TLS the
+bytes always pass through the TLS layer's own write, so they are encrypted
+as usual; a connection with a producer attached (a streamed body) keeps the
 reactor's pacing.
 """
 
@@ -20,40 +20,47 @@ from typing import Any
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import ITransport
 from twisted.internet.tcp import Connection
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 
 def write_now(transport: ITransport, data: bytes) -> None:
-    transport.write(data)
     if not (
         isinstance(transport, Connection)
         and transport.connected
         and not transport.disconnecting
         and transport.producer is None
     ):
+        transport.write(data)
         return
-    if transport.TLS and not _release_tls_records(transport.protocol):
-        return
+    if transport.TLS:
+        if not _encrypt_now(transport.protocol, data):
+            return
+    else:
+        transport.write(data)  # type: ignore[no-untyped-call]
     # An error is left for the reactor: the connection is still registered
     # for writing, and its next doWrite reports the loss.
     transport.doWrite()  # type: ignore[no-untyped-call]
 
 
-def _release_tls_records(tls: Any) -> bool:
-    """Encrypt and pass down what Twisted's TLS layer holds for the next turn.
+def _encrypt_now(tls: Any, data: bytes) -> bool:
+    """Encrypt ``data`` now and pass the records down to the socket's buffer.
 
     Twisted (24.7 and later) gathers small writes in ``_aggregator`` and
-    flushes them from a ``callLater(0)``; that call is cancelled (it would
-    find nothing) and the buffer flushed now. Without those attributes
-    (another Twisted) nothing is flushed early and nothing is lost: the
-    bytes simply leave a turn later.
+    flushes them from a ``callLater(0)``. Anything already gathered is
+    flushed first (order is kept), its call cancelled, and ``data`` then goes
+    straight to the TLS layer's own write, with no buffer and no call to
+    schedule and cancel. Without those attributes (another Twisted) ``data``
+    takes the usual way and simply leaves a turn later: False.
     """
     aggregator = getattr(tls, "_aggregator", None)
     flush = getattr(aggregator, "flush", None)
-    if flush is None:
+    if flush is None or not isinstance(tls, TLSMemoryBIOProtocol):
+        tls.write(data)
         return False
     scheduled = getattr(aggregator, "_scheduled", None)
     if isinstance(scheduled, DelayedCall) and scheduled.active():
         scheduled.cancel()
         aggregator._scheduled = None  # type: ignore[union-attr]
     flush()
+    TLSMemoryBIOProtocol.write(tls, data)  # type: ignore[no-untyped-call]
     return True
