@@ -192,6 +192,28 @@ def test_default_line_count_limit() -> None:
         parse_replies(b"250-x\r\n" + lines)
 
 
+def test_a_reply_parsed_before_is_held_to_each_parsers_own_limits() -> None:
+    """Repeated one-line replies are parsed once and shared; the limits are
+    the parser's own and are checked every time."""
+    line = b"250 2.0.0 " + b"x" * 40
+    assert ReplyParser().feed(line) == Reply(250, ("2.0.0 " + "x" * 40,), "2.0.0")
+    with pytest.raises(ProtocolViolation, match="exceeds 20"):
+        ReplyParser(max_line_length=20).feed(line)
+    with pytest.raises(ProtocolViolation, match="exceeds 30 octets"):
+        ReplyParser(max_reply_size=30).feed(line)
+
+
+def test_a_reply_parsed_before_still_ends_a_multiline_reply_by_the_rules() -> None:
+    assert ReplyParser().feed(b"250 ok") == Reply(250, ("ok",))
+    parser = ReplyParser()
+    assert parser.feed(b"354-go on") is None
+    with pytest.raises(ProtocolViolation, match="changed code from 354 to 250"):
+        parser.feed(b"250 ok")
+    parser = ReplyParser()
+    assert parser.feed(b"250-first") is None
+    assert parser.feed(b"250 ok") == Reply(250, ("first", "ok"))
+
+
 def test_reply_total_size_is_bounded() -> None:
     parser = ReplyParser(max_reply_size=20)
     assert parser.feed(b"250-12345678") is None  # 14 octets with CRLF
