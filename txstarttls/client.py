@@ -44,7 +44,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txstarttls.address import (
-    needs_smtputf8,
     validate_address,
     validate_hostname_argument,
     validate_parameter,
@@ -311,7 +310,8 @@ class ESMTPClient(LineReceiver):
             # Only reachable if a TLS layer delivered data before verification.
             self._abort(ProtocolViolation("data arrived before TLS was verified"))
             return
-        self._record("S", line)
+        if self._transcript is not None:
+            self._transcript("S", line)
         try:
             reply = self._parser.feed(line)
         except ProtocolViolation as error:
@@ -535,7 +535,7 @@ class ESMTPClient(LineReceiver):
             path = b"<" + address.encode("utf-8") + b">"
             if len(self._paths) < _CACHE_LIMIT:
                 self._paths[address] = path
-        if needs_smtputf8(address) and not self.capabilities.smtputf8:
+        if not address.isascii() and not self.capabilities.smtputf8:
             raise ExtensionRequired(
                 f"address {address!r} needs SMTPUTF8, which the server does not offer"
             )
@@ -588,7 +588,8 @@ class ESMTPClient(LineReceiver):
                 )
             )
         waiter = self._expect(phase, seconds=seconds)
-        self._record("C", shown)
+        if self._transcript is not None:
+            self._transcript("C", shown)
         if self._batch is not None:
             self._batch.append(data)
         else:
@@ -615,15 +616,19 @@ class ESMTPClient(LineReceiver):
     def _expect(self, phase: Phase, *, seconds: float | None = None) -> Deferred[Reply]:
         if seconds is None:
             seconds = self._phase_seconds[phase]
-        waiter = _Waiter(phase, seconds, self.clock.seconds(), self._cancel)
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
-            self._arm(waiter)
+        now = self.clock.seconds()
+        waiter = _Waiter(phase, seconds, now, self._cancel)
+        waiters = self._waiters
+        waiters.append(waiter)
+        if len(waiters) == 1:
+            self._arm(waiter, now)
         return waiter.deferred
 
-    def _arm(self, waiter: _Waiter) -> None:
+    def _arm(self, waiter: _Waiter, now: float | None = None) -> None:
         """Point the reply timer at ``waiter``, now the oldest command."""
-        delay = max(0.0, waiter.deadline - self.clock.seconds())
+        if now is None:
+            now = self.clock.seconds()
+        delay = max(0.0, waiter.deadline - now)
         timer = self._reply_timer
         if timer is not None and timer.active():
             timer.reset(delay)

@@ -31,6 +31,10 @@ class Phase(enum.Enum):
     QUIT = "quit"
     LOCAL = "local"
 
+    # Members are singletons compared by identity, so identity hashing is
+    # exact; Enum's own __hash__ is Python code run for every command sent.
+    __hash__ = object.__hash__
+
 
 class SMTPError(Exception):
     """Base of every txstarttls error.

@@ -13,7 +13,7 @@ import functools
 import inspect
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -114,6 +114,8 @@ class Envelope:
     mail_parameters: tuple[str, ...] = ()
     dsn: DSNRequest | None = None
     """Sent on only when the server offers DSN (RFC 3461)."""
+    needs_smtputf8: bool = field(init=False, repr=False, compare=False)
+    """Does any address need SMTPUTF8? Worked out once, not per message sent."""
 
     def __post_init__(self) -> None:
         validate_address(self.sender, allow_null=True)
@@ -124,10 +126,11 @@ class Envelope:
         for parameter in self.mail_parameters:
             keyword, equals, value = parameter.partition("=")
             validate_parameter(keyword, value if equals else None)
-
-    @property
-    def needs_smtputf8(self) -> bool:
-        return any(needs_smtputf8(a) for a in (self.sender, *self.recipients))
+        object.__setattr__(
+            self,
+            "needs_smtputf8",
+            any(needs_smtputf8(a) for a in (self.sender, *self.recipients)),
+        )
 
 
 def reply_error(reply: Reply, phase: Phase, *, trusted: bool) -> SMTPError:
@@ -504,7 +507,7 @@ def _is_local_peer(client: ESMTPClient) -> bool:
     return False
 
 
-async def _settle(deferreds: list[Deferred[Reply]]) -> list[Reply | Exception]:
+def _settle(deferreds: list[Deferred[Reply]]) -> Deferred[list[Reply | Exception]]:
     """Every outcome, in order; none of the Deferreds is left unhandled.
 
     Replies pair first-in, first-out, so when the last Deferred has fired
@@ -512,18 +515,18 @@ async def _settle(deferreds: list[Deferred[Reply]]) -> list[Reply | Exception]:
     """
     outcomes: list[Reply | Exception] = []
 
-    def keep(value: Reply | Failure) -> None:
+    def keep(value: Reply | Failure) -> list[Reply | Exception]:
         if isinstance(value, Failure):
             error = value.value
             assert isinstance(error, Exception)
             outcomes.append(error)
         else:
             outcomes.append(value)
+        return outcomes
 
-    for deferred in deferreds:
+    for deferred in deferreds[:-1]:
         deferred.addBoth(keep)
-    await deferreds[-1]
-    return outcomes
+    return deferreds[-1].addBoth(keep)
 
 
 def start_deadline(client: ESMTPClient, seconds: float | None) -> IDelayedCall | None:
