@@ -136,14 +136,16 @@ def main() -> None:
                 )
             to_anchor = [o / a for o, a in zip(ours, anchors, strict=True)]
             to_smtplib = [o / s for o, s in zip(ours, smtplibs, strict=True)]
+            smtplib_to_anchor = [s / a for s, a in zip(smtplibs, anchors, strict=True)]
             print(
                 f"median of {rounds} rounds: txstarttls / handshake anchor "
                 f"{statistics.median(to_anchor):.2f}x, txstarttls / smtplib "
                 f"{statistics.median(to_smtplib):.2f}x, smtplib / handshake anchor "
-                f"{statistics.median(s / a for s, a in zip(smtplibs, anchors)):.2f}x"
+                f"{statistics.median(smtplib_to_anchor):.2f}x"
             )
 
         react(lambda reactor: ensureDeferred(run(reactor)))
+
 
 if __name__ == "__main__":
     main()
