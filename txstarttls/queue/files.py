@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -39,27 +39,23 @@ JOIN_BELOW: Final = 64 * 1024
 """Parts of a new file up to this size go out in one write() call."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Layout:
-    """Where everything lives under one queue directory."""
+    """Where everything lives under one queue directory.
+
+    The directories are joined once: every message asks for them several
+    times, and a pathlib join is far dearer than reading a string.
+    """
 
     root: Path
+    tmp: str = field(init=False)
+    messages: str = field(init=False)
+    corrupt: str = field(init=False)
+    incoming: str = field(init=False)
 
-    @property
-    def tmp(self) -> str:
-        return str(self.root / "tmp")
-
-    @property
-    def messages(self) -> str:
-        return str(self.root / "messages")
-
-    @property
-    def corrupt(self) -> str:
-        return str(self.root / "corrupt")
-
-    @property
-    def incoming(self) -> str:
-        return str(self.root / "incoming")
+    def __post_init__(self) -> None:
+        for name in ("tmp", "messages", "corrupt", "incoming"):
+            object.__setattr__(self, name, str(self.root / name))
 
     def message(self, queue_id: str) -> str:
         """The message file: header, envelope as first written, content."""
