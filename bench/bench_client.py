@@ -28,6 +28,9 @@ peak RSS are its own:
   child points ``SSL_CERT_FILE`` at the test CA;
 - ``txstarttls-conn``: the pool with ``max_messages_per_connection=1``, so
   every message pays for a new connection, STARTTLS and AUTH;
+- ``smtplib-conn``: smtplib doing exactly that work (connect, EHLO,
+  STARTTLS, EHLO, AUTH, the message, QUIT) for every message: the reference
+  for what a new connection costs a client that does the same exchange;
 - ``tls-anchor``: the floor for a new connection: Python's ``ssl`` connects,
   reads the greeting, sends STARTTLS and completes a verified handshake, then
   closes, in a loop;
@@ -332,6 +335,23 @@ def child_smtplib(args: ChildArgs) -> dict[str, Any]:
     return meter.result(args.count, tls=tls)
 
 
+def child_smtplib_per_message(args: ChildArgs) -> dict[str, Any]:
+    message = make_message()
+    context = verifying_context(args.ca)
+    meter = Meter()
+    tls = "?"
+    meter.start()
+    for _ in range(args.count):
+        with loopback_smtp(args.port) as client:
+            client.starttls(context=context)
+            client.login(USER, PASSWORD)
+            tls = f"{client.sock.version()} {client.sock.cipher()[0]}"
+            if client.sendmail(SENDER, [RECIPIENT], message):
+                raise RuntimeError("refused")
+    meter.stop()
+    return meter.result(args.count, tls=tls)
+
+
 def child_twisted_sendmail(args: ChildArgs) -> dict[str, Any]:
     from twisted.mail.smtp import sendmail
 
@@ -515,6 +535,7 @@ CHILDREN: dict[str, Callable[[ChildArgs], dict[str, Any]]] = {
     "smtplib-1": child_smtplib,
     "twisted-sendmail": child_twisted_sendmail,
     "txstarttls-conn": child_txstarttls,
+    "smtplib-conn": child_smtplib_per_message,
     "tls-anchor": child_tls_anchor,
     "twisted-floor": child_twisted_floor,
     "txstarttls-big": child_txstarttls,
@@ -567,6 +588,7 @@ SPECS = (
         per_connection=True,
     ),
     Spec("txstarttls-conn", "txstarttls, connection per message", per_connection=True),
+    Spec("smtplib-conn", "smtplib, connection per message", per_connection=True),
     Spec("tls-anchor", "anchor: ssl connect+STARTTLS+handshake", per_connection=True),
 )
 BIG = Spec("txstarttls-big", "txstarttls, one large message from a path")
@@ -880,7 +902,7 @@ def format_new_connections(results: list[Result]) -> str:
         "| client CPU µs | sink CPU µs |",
         "|---|---|---|---|---|",
     ]
-    for name in ("txstarttls-conn", "twisted-sendmail", "tls-anchor"):
+    for name in ("txstarttls-conn", "smtplib-conn", "twisted-sendmail", "tls-anchor"):
         r = by_name.get(name)
         if r is not None:
             lines.append(
@@ -918,6 +940,8 @@ RATE_CONTEXT = (
     ("floor / smtplib-1", "twisted-floor", "smtplib-1"),
     ("txstarttls-conn / handshake anchor", "txstarttls-conn", "tls-anchor"),
     ("txstarttls-conn / twisted sendmail()", "txstarttls-conn", "twisted-sendmail"),
+    ("txstarttls-conn / smtplib-conn (same work)", "txstarttls-conn", "smtplib-conn"),
+    ("smtplib-conn / handshake anchor", "smtplib-conn", "tls-anchor"),
 )
 
 

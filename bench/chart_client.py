@@ -29,7 +29,7 @@ PIPELINED = (
     "txstarttls-8",
     "aiosmtplib-8",
 )
-PER_CONNECTION = ("txstarttls-conn", "twisted-sendmail", "tls-anchor")
+PER_CONNECTION = ("txstarttls-conn", "smtplib-conn", "twisted-sendmail", "tls-anchor")
 OURS = "#1f6f8b"
 OTHERS = "#9aa5ad"
 
