@@ -91,6 +91,54 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second).code, 550)
         self.assertEqual(self.successResultOf(third).code, 354)
 
+    def test_envelope_goes_out_in_one_write_with_outcomes_in_order(self) -> None:
+        self.greet()
+        d = self.client.envelope(
+            "a@x.example",
+            ["SIZE=10"],
+            [("b@y.example", []), ("c@y.example", ["NOTIFY=NEVER"])],
+            data=True,
+        )
+        self.assertEqual(
+            self.sent(),
+            b"MAIL FROM:<a@x.example> SIZE=10\r\nRCPT TO:<b@y.example>\r\n"
+            b"RCPT TO:<c@y.example> NOTIFY=NEVER\r\nDATA\r\n",
+        )
+        self.receive(b"250 2.1.0 ok\r\n550 5.1.1 no\r\n")
+        self.assertNoResult(d)
+        self.receive(b"250 2.1.5 ok\r\n354 go\r\n")
+        codes = [r.code for r in self.successResultOf(d) if isinstance(r, Reply)]
+        self.assertEqual(codes, [250, 550, 250, 354])
+
+    def test_envelope_validates_every_argument_before_sending_anything(self) -> None:
+        self.greet()
+        d = self.client.envelope(
+            "a@x.example", [], [("b@y.example", []), ("c@y\r\nQUIT", [])], data=True
+        )
+        self.failureResultOf(d, InvalidAddress)
+        self.assertEqual(self.sent(), b"")
+
+    def test_envelope_outcomes_when_the_connection_is_lost_half_way(self) -> None:
+        self.greet()
+        d = self.client.envelope("a@x.example", [], [("b@y.example", [])], data=True)
+        self.receive(b"250 2.1.0 ok\r\n")
+        self.client.connectionLost(Failure(Exception("gone")))
+        mail, rcpt, data = self.successResultOf(d)
+        self.assertIsInstance(mail, Reply)
+        self.assertIsInstance(rcpt, ConnectionLost)
+        self.assertIsInstance(data, ConnectionLost)
+        self.assertEqual(rcpt.phase, Phase.RCPT)  # type: ignore[union-attr]
+
+    def test_envelope_times_out_on_the_oldest_command(self) -> None:
+        self.greet()
+        d = self.client.envelope("a@x.example", [], [("b@y.example", [])], data=False)
+        self.clock.advance(41)
+        mail, rcpt = self.successResultOf(d)
+        self.assertIsInstance(mail, Timeout)
+        self.assertEqual(mail.phase, Phase.MAIL)  # type: ignore[union-attr]
+        self.assertIsInstance(rcpt, Timeout)
+        self.assertTrue(self.transport.aborted)
+
     def test_unprompted_reply_is_a_protocol_violation(self) -> None:
         self.greet()
         self.receive(b"250 surprise\r\n")

@@ -117,22 +117,6 @@ class Timeouts:
         return table
 
 
-class _Pipeline:
-    """The context of ``ESMTPClient.pipeline()``: a class, not a generator,
-    since it runs once per message."""
-
-    __slots__ = ("_client",)
-
-    def __init__(self, client: ESMTPClient) -> None:
-        self._client = client
-
-    def __enter__(self) -> None:
-        self._client._begin_batch()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._client._end_batch()
-
-
 class _Waiter:
     """A command sent whose reply has not come yet, and its deadline."""
 
@@ -149,6 +133,53 @@ class _Waiter:
         self.seconds = seconds
         self.deadline = now + seconds
         self.deferred: Deferred[Reply] = Deferred(canceller)
+
+    def resolve(self, reply: Reply) -> None:
+        self.deferred.callback(reply)
+
+    def reject(self, error: SMTPError) -> None:
+        self.deferred.errback(error)
+
+
+Outcome = Reply | SMTPError
+"""What one pipelined command came to: its reply, or why none came."""
+
+
+class _Batch:
+    """The outcomes of a pipelined group of commands, in order; its one
+    Deferred fires when the last is in."""
+
+    __slots__ = ("deferred", "outcomes", "size")
+
+    def __init__(
+        self, size: int, canceller: Callable[[Deferred[list[Outcome]]], None]
+    ) -> None:
+        self.size = size
+        self.outcomes: list[Outcome] = []
+        self.deferred: Deferred[list[Outcome]] = Deferred(canceller)
+
+    def add(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        if len(self.outcomes) == self.size:
+            self.deferred.callback(self.outcomes)
+
+
+class _BatchWaiter:
+    """A command of a pipelined group: its outcome goes to the group."""
+
+    __slots__ = ("batch", "deadline", "phase", "seconds")
+
+    def __init__(self, phase: Phase, seconds: float, now: float, batch: _Batch) -> None:
+        self.phase = phase
+        self.seconds = seconds
+        self.deadline = now + seconds
+        self.batch = batch
+
+    def resolve(self, reply: Reply) -> None:
+        self.batch.add(reply)
+
+    def reject(self, error: SMTPError) -> None:
+        self.batch.add(error)
 
 
 @implementer(IHandshakeListener)
@@ -179,7 +210,7 @@ class ESMTPClient(LineReceiver):
         self.allow_plaintext_auth = allow_plaintext_auth
         self._transcript = transcript
         self._parser = ReplyParser()
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[_Waiter | _BatchWaiter] = deque()
         self._failure: SMTPError | None = None
         self._greeting: Deferred[Reply] | None = None
         self._greeting_failure: Failure | None = None
@@ -192,7 +223,6 @@ class ESMTPClient(LineReceiver):
         # commands share it instead of each scheduling and cancelling one.
         self._reply_timer: IDelayedCall | None = None
         self._phase_seconds = self.timeouts.table()
-        self._batch: list[bytes] | None = None
         # Arguments already validated on this connection: a pooled session
         # sends the same sender and parameters over and over.
         self._paths: dict[str, bytes] = {}
@@ -242,11 +272,11 @@ class ESMTPClient(LineReceiver):
         self._disarm()
         for waiter in waiters:
             if waiter.phase is Phase.QUIT:
-                waiter.deferred.callback(Reply(221, ("connection closed",)))
+                waiter.resolve(Reply(221, ("connection closed",)))
             elif waiter.phase is Phase.END_OF_DATA and not isinstance(
                 error, OutcomeUnknown
             ):
-                waiter.deferred.errback(
+                waiter.reject(
                     OutcomeUnknown(
                         f"{error}, after the final dot: the message may or may "
                         "not have been delivered",
@@ -254,7 +284,7 @@ class ESMTPClient(LineReceiver):
                     )
                 )
             else:
-                waiter.deferred.errback(error)
+                waiter.reject(error)
         if self._tls_done is not None:
             done, self._tls_done = self._tls_done, None
             done.errback(error)
@@ -347,13 +377,14 @@ class ESMTPClient(LineReceiver):
         # queue (or be pushed back by the next command): between messages that
         # is one reset instead of a cancel and a new callLater each time.
         if waiter.phase is Phase.STARTTLS and reply.code == 220:
+            assert isinstance(waiter, _Waiter)
             self._begin_tls(waiter, reply)
             return
         if waiter.phase is Phase.EHLO:
             self.capabilities = (
                 parse_ehlo(reply) if reply.code == 250 else Capabilities.empty()
             )
-        waiter.deferred.callback(reply)
+        waiter.resolve(reply)
 
     # --- commands --------------------------------------------------------------
 
@@ -458,6 +489,63 @@ class ESMTPClient(LineReceiver):
         """DATA; a 354 means the caller may now send the encoded body."""
         return self._command(b"DATA", Phase.DATA)
 
+    def envelope(
+        self,
+        sender: str,
+        parameters: Sequence[str],
+        recipients: Sequence[tuple[str, Sequence[str]]],
+        *,
+        data: bool,
+    ) -> Deferred[list[Outcome]]:
+        """MAIL FROM, a RCPT TO per ``(recipient, parameters)`` and, with
+        ``data``, DATA, in one write (RFC 2920 PIPELINING; under TLS, one
+        record); one Deferred for all their outcomes, in order.
+
+        Every argument is validated before anything is sent. Only for a
+        server that offers PIPELINING, and never around EHLO, STARTTLS or AUTH.
+        """
+        try:
+            lines = [
+                b"MAIL FROM:" + self._path(sender, null=True) + self._params(parameters)
+            ]
+            for recipient, rcpt_parameters in recipients:
+                lines.append(
+                    b"RCPT TO:"
+                    + self._path(recipient, null=False)
+                    + self._params(rcpt_parameters)
+                )
+        except SMTPError as error:
+            return fail(error)
+        if data:
+            lines.append(b"DATA")
+        if self._failure is not None:
+            return fail(self._failure)
+        if self._pending_tls is not None or self.transport is None:
+            return fail(
+                ProtocolViolation(
+                    "cannot send MAIL before the connection is ready", phase=Phase.MAIL
+                )
+            )
+        batch = _Batch(len(lines), self._cancel)
+        now = self.clock.seconds()
+        waiters = self._waiters
+        first = len(waiters) == 0
+        for index, line in enumerate(lines):
+            phase = (
+                Phase.MAIL
+                if index == 0
+                else Phase.DATA
+                if data and index == len(lines) - 1
+                else Phase.RCPT
+            )
+            waiters.append(_BatchWaiter(phase, self._phase_seconds[phase], now, batch))
+            if self._transcript is not None:
+                self._transcript("C", line)
+        if first:
+            self._arm(waiters[0], now)
+        write_now(self.transport, b"\r\n".join(lines) + b"\r\n")
+        return batch.deferred
+
     def bdat(self, chunk: bytes, *, last: bool) -> Deferred[Reply]:
         """BDAT (RFC 3030): one counted chunk of the body, in one write with
         its command; only a 2xx to the LAST one means delivered."""
@@ -493,7 +581,9 @@ class ESMTPClient(LineReceiver):
         # anything: the phase is DATA, and each block gets its own timeout.
         waiter = self._expect(Phase.DATA, seconds=self.timeouts.data_block)
         self._record("C", _BODY_SHOWN)
-        _BodyStreamer(self, self._waiters[-1], message.chunks()).start()
+        streamed = self._waiters[-1]
+        assert isinstance(streamed, _Waiter)
+        _BodyStreamer(self, streamed, message.chunks()).start()
         return waiter
 
     def _block_sent(self, waiter: _Waiter) -> None:
@@ -590,28 +680,8 @@ class ESMTPClient(LineReceiver):
         waiter = self._expect(phase, seconds=seconds)
         if self._transcript is not None:
             self._transcript("C", shown)
-        if self._batch is not None:
-            self._batch.append(data)
-        else:
-            write_now(self.transport, data)
+        write_now(self.transport, data)
         return waiter
-
-    def pipeline(self) -> _Pipeline:
-        """Commands issued inside ``with client.pipeline():`` go out in one
-        write (RFC 2920 PIPELINING).
-
-        Under TLS that is one record instead of one per command. Only for a
-        server that offers PIPELINING, and never around EHLO, STARTTLS or AUTH.
-        """
-        return _Pipeline(self)
-
-    def _begin_batch(self) -> None:
-        self._batch = []
-
-    def _end_batch(self) -> None:
-        batch, self._batch = self._batch, None
-        if batch and self.transport is not None and self._failure is None:
-            write_now(self.transport, b"".join(batch))
 
     def _expect(self, phase: Phase, *, seconds: float | None = None) -> Deferred[Reply]:
         if seconds is None:
@@ -624,7 +694,7 @@ class ESMTPClient(LineReceiver):
             self._arm(waiter, now)
         return waiter.deferred
 
-    def _arm(self, waiter: _Waiter, now: float | None = None) -> None:
+    def _arm(self, waiter: _Waiter | _BatchWaiter, now: float | None = None) -> None:
         """Point the reply timer at ``waiter``, now the oldest command."""
         if now is None:
             now = self.clock.seconds()
@@ -646,7 +716,7 @@ class ESMTPClient(LineReceiver):
             waiter = self._waiters[0]
             self._timed_out(waiter.phase, waiter.seconds)
 
-    def _cancel(self, _: Deferred[Reply]) -> None:
+    def _cancel(self, _: Deferred[Any]) -> None:
         """The caller stopped waiting (a service stopping): hang up, so every
         command fails at once with what is known; OutcomeUnknown after the dot."""
         if self._waiters:

@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from txstarttls.address import (
     needs_smtputf8,
@@ -324,20 +322,15 @@ class Session:
         parameters = self.mail_parameters(envelope, message)
         chunking = self.upstream.chunking and client.capabilities.chunking
         if client.capabilities.pipelining:
-            with client.pipeline():
-                pipelined = [
-                    client.mail(envelope.sender, parameters),
-                    *(
-                        client.rcpt(r, self.rcpt_parameters(envelope, r))
-                        for r in envelope.recipients
-                    ),
-                ]
-                if not chunking:
-                    pipelined.append(client.data())
-            # Every reply is in before any is judged: a connection lost half
-            # way (after a 421, say) leaves no failed Deferred unhandled, and
-            # the server's own reply to MAIL is the error reported.
-            outcomes = await _settle(pipelined)
+            # Every reply is in before any is judged: after a connection lost
+            # half way (a 421, say) the server's own reply to MAIL is the
+            # error reported.
+            outcomes = await client.envelope(
+                envelope.sender,
+                parameters,
+                [(r, self.rcpt_parameters(envelope, r)) for r in envelope.recipients],
+                data=not chunking,
+            )
             errors = [o for o in outcomes if not isinstance(o, Reply)]
             if errors:
                 first = outcomes[0]
@@ -505,28 +498,6 @@ def _is_local_peer(client: ESMTPClient) -> bool:
     if isinstance(peer, IPv6Address):
         return peer.host == "::1"
     return False
-
-
-def _settle(deferreds: list[Deferred[Reply]]) -> Deferred[list[Reply | Exception]]:
-    """Every outcome, in order; none of the Deferreds is left unhandled.
-
-    Replies pair first-in, first-out, so when the last Deferred has fired
-    every earlier one has too: one wait instead of one per command.
-    """
-    outcomes: list[Reply | Exception] = []
-
-    def keep(value: Reply | Failure) -> list[Reply | Exception]:
-        if isinstance(value, Failure):
-            error = value.value
-            assert isinstance(error, Exception)
-            outcomes.append(error)
-        else:
-            outcomes.append(value)
-        return outcomes
-
-    for deferred in deferreds[:-1]:
-        deferred.addBoth(keep)
-    return deferreds[-1].addBoth(keep)
 
 
 def start_deadline(client: ESMTPClient, seconds: float | None) -> IDelayedCall | None:
