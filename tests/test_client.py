@@ -139,6 +139,46 @@ class ClientTests(SynchronousTestCase):
         self.assertIsInstance(rcpt, Timeout)
         self.assertTrue(self.transport.aborted)
 
+    def _client_with(self, timeouts: Timeouts) -> None:
+        self.transport = TLSRecordingTransport()
+        self.client = ESMTPClient(self.clock, timeouts=timeouts)
+        self.client.makeConnection(self.transport)
+        self.greet()
+
+    def test_a_pipelined_command_with_a_shorter_timeout_is_never_timed_out_late(
+        self,
+    ) -> None:
+        """DATA's own 10 s count from when it was sent, even while MAIL (40 s)
+        is still the command the timer serves."""
+        self._client_with(Timeouts(mail=40, rcpt=40, data=10))
+        d = self.client.envelope("a@x.example", [], [("b@y.example", [])], data=True)
+        self.clock.advance(5)
+        self.receive(b"250 2.1.0 ok\r\n")
+        self.clock.advance(7)
+        self.assertNoResult(d)
+        self.receive(b"250 2.1.5 ok\r\n")
+        self.clock.advance(0)
+        _, _, data = self.successResultOf(d)
+        self.assertIsInstance(data, Timeout)
+        self.assertEqual(data.phase, Phase.DATA)  # type: ignore[union-attr]
+
+    def test_a_timer_due_early_still_times_out_the_oldest_at_its_deadline(self) -> None:
+        """The timer set for DATA (10 s) comes due while only the final dot
+        (60 s) waits: it must wait on, then time that out at its own 60 s."""
+        self._client_with(Timeouts(mail=40, rcpt=40, data=10, end_of_data=60))
+        d = self.client.envelope("a@x.example", [], [("b@y.example", [])], data=True)
+        self.clock.advance(1)
+        self.receive(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.successResultOf(d)
+        body = self.client.send_body(b"hi\r\n.\r\n")
+        self.clock.advance(59.9)
+        self.assertNoResult(body)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(0.2)
+        failure = self.failureResultOf(body, OutcomeUnknown)
+        self.assertIn("no end-of-data reply within 60 s", str(failure.value))
+        self.assertTrue(self.transport.aborted)
+
     def test_unprompted_reply_is_a_protocol_violation(self) -> None:
         self.greet()
         self.receive(b"250 surprise\r\n")

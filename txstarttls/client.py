@@ -373,9 +373,9 @@ class ESMTPClient(LineReceiver):
         waiter = self._waiters.popleft()
         if self._waiters:
             self._arm(self._waiters[0])
-        # With nothing outstanding the timer is left to fire into an empty
-        # queue (or be pushed back by the next command): between messages that
-        # is one reset instead of a cancel and a new callLater each time.
+        # With nothing outstanding the timer is left to come due into an empty
+        # queue, or to serve the next command: between messages nothing is
+        # cancelled or scheduled.
         if waiter.phase is Phase.STARTTLS and reply.code == 220:
             assert isinstance(waiter, _Waiter)
             self._begin_tls(waiter, reply)
@@ -528,8 +528,6 @@ class ESMTPClient(LineReceiver):
             )
         batch = _Batch(len(lines), self._cancel)
         now = self.clock.seconds()
-        waiters = self._waiters
-        first = len(waiters) == 0
         for index, line in enumerate(lines):
             phase = (
                 Phase.MAIL
@@ -538,11 +536,11 @@ class ESMTPClient(LineReceiver):
                 if data and index == len(lines) - 1
                 else Phase.RCPT
             )
-            waiters.append(_BatchWaiter(phase, self._phase_seconds[phase], now, batch))
+            waiter = _BatchWaiter(phase, self._phase_seconds[phase], now, batch)
+            self._waiters.append(waiter)
+            self._arm(waiter, now)
             if self._transcript is not None:
                 self._transcript("C", line)
-        if first:
-            self._arm(waiters[0], now)
         write_now(self.transport, b"\r\n".join(lines) + b"\r\n")
         return batch.deferred
 
@@ -688,22 +686,31 @@ class ESMTPClient(LineReceiver):
             seconds = self._phase_seconds[phase]
         now = self.clock.seconds()
         waiter = _Waiter(phase, seconds, now, self._cancel)
-        waiters = self._waiters
-        waiters.append(waiter)
-        if len(waiters) == 1:
-            self._arm(waiter, now)
+        self._waiters.append(waiter)
+        self._arm(waiter, now)
         return waiter.deferred
 
     def _arm(self, waiter: _Waiter | _BatchWaiter, now: float | None = None) -> None:
-        """Point the reply timer at ``waiter``, now the oldest command."""
-        if now is None:
-            now = self.clock.seconds()
-        delay = max(0.0, waiter.deadline - now)
+        """Make the reply timer due no later than ``waiter``'s deadline.
+
+        It may come due early, for a command answered since; it then waits on
+        for the oldest command. So a timer already due sooner is left alone
+        (between messages nothing is rescheduled), and no command is ever
+        timed out late.
+        """
         timer = self._reply_timer
         if timer is not None and timer.active():
-            timer.reset(delay)
+            if timer.getTime() <= waiter.deadline:
+                return
+            if now is None:
+                now = self.clock.seconds()
+            timer.reset(max(0.0, waiter.deadline - now))
         else:
-            self._reply_timer = self.clock.callLater(delay, self._reply_overdue)
+            if now is None:
+                now = self.clock.seconds()
+            self._reply_timer = self.clock.callLater(
+                max(0.0, waiter.deadline - now), self._reply_overdue
+            )
 
     def _disarm(self) -> None:
         timer, self._reply_timer = self._reply_timer, None
@@ -712,9 +719,13 @@ class ESMTPClient(LineReceiver):
 
     def _reply_overdue(self) -> None:
         self._reply_timer = None
-        if self._waiters:
-            waiter = self._waiters[0]
-            self._timed_out(waiter.phase, waiter.seconds)
+        if not self._waiters:
+            return
+        oldest = self._waiters[0]
+        if oldest.deadline <= self.clock.seconds():
+            self._timed_out(oldest.phase, oldest.seconds)
+        else:
+            self._arm(oldest)
 
     def _cancel(self, _: Deferred[Any]) -> None:
         """The caller stopped waiting (a service stopping): hang up, so every
