@@ -118,6 +118,20 @@ class ClientTests(SynchronousTestCase):
         self.failureResultOf(d, InvalidAddress)
         self.assertEqual(self.sent(), b"")
 
+    def test_envelope_never_sends_a_line_break_that_slipped_past_validation(
+        self,
+    ) -> None:
+        """Command injection's last guard: should a path ever come back from
+        validation with CR or LF in it, nothing of the batch is sent."""
+        self.greet()
+        self.client._path = lambda address, *, null: b"<a@x.example>\r\nRSET"  # type: ignore[method-assign]
+        d = self.client.envelope("a@x.example", [], [("b@y.example", [])], data=True)
+        self.failureResultOf(d, InvalidArgument)
+        self.assertEqual(self.sent(), b"")
+        bad = self.client.mail("a@x.example")
+        self.failureResultOf(bad, InvalidArgument)
+        self.assertEqual(self.sent(), b"")
+
     def test_envelope_outcomes_when_the_connection_is_lost_half_way(self) -> None:
         self.greet()
         d = self.client.envelope("a@x.example", [], [("b@y.example", [])], data=True)

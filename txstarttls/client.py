@@ -504,20 +504,31 @@ class ESMTPClient(LineReceiver):
         Every argument is validated before anything is sent. Only for a
         server that offers PIPELINING, and never around EHLO, STARTTLS or AUTH.
         """
+        phases = [Phase.MAIL]
         try:
             lines = [
                 b"MAIL FROM:" + self._path(sender, null=True) + self._params(parameters)
             ]
             for recipient, rcpt_parameters in recipients:
-                lines.append(
-                    b"RCPT TO:"
-                    + self._path(recipient, null=False)
-                    + self._params(rcpt_parameters)
-                )
+                path = self._path(recipient, null=False)
+                lines.append(b"RCPT TO:" + path + self._params(rcpt_parameters))
+                phases.append(Phase.RCPT)
         except SMTPError as error:
             return fail(error)
         if data:
             lines.append(b"DATA")
+            phases.append(Phase.DATA)
+        payload = b"\r\n".join(lines) + b"\r\n"
+        breaks = len(lines)
+        if (
+            payload.count(b"\r") != breaks
+            or payload.count(b"\n") != breaks
+            or b"\0" in payload
+        ):
+            # Validation should make this unreachable; never send it.
+            return fail(
+                InvalidArgument("refusing to send a command line with CR, LF or NUL")
+            )
         if self._failure is not None:
             return fail(self._failure)
         if self._pending_tls is not None or self.transport is None:
@@ -528,20 +539,13 @@ class ESMTPClient(LineReceiver):
             )
         batch = _Batch(len(lines), self._cancel)
         now = self.clock.seconds()
-        for index, line in enumerate(lines):
-            phase = (
-                Phase.MAIL
-                if index == 0
-                else Phase.DATA
-                if data and index == len(lines) - 1
-                else Phase.RCPT
-            )
+        for line, phase in zip(lines, phases, strict=True):
             waiter = _BatchWaiter(phase, self._phase_seconds[phase], now, batch)
             self._waiters.append(waiter)
             self._arm(waiter, now)
             if self._transcript is not None:
                 self._transcript("C", line)
-        write_now(self.transport, b"\r\n".join(lines) + b"\r\n")
+        write_now(self.transport, payload)
         return batch.deferred
 
     def bdat(self, chunk: bytes, *, last: bool) -> Deferred[Reply]:
