@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txstarttls.address import (
+    needs_smtputf8,
     validate_address,
     validate_hostname_argument,
     validate_parameter,
@@ -627,7 +628,7 @@ class ESMTPClient(LineReceiver):
             path = b"<" + address.encode("utf-8") + b">"
             if len(self._paths) < _CACHE_LIMIT:
                 self._paths[address] = path
-        if not address.isascii() and not self.capabilities.smtputf8:
+        if needs_smtputf8(address) and not self.capabilities.smtputf8:
             raise ExtensionRequired(
                 f"address {address!r} needs SMTPUTF8, which the server does not offer"
             )
