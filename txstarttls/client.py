@@ -118,10 +118,27 @@ class Timeouts:
         return table
 
 
-class _Waiter:
+class _Pending:
     """A command sent whose reply has not come yet, and its deadline."""
 
-    __slots__ = ("deadline", "deferred", "phase", "seconds")
+    __slots__ = ("deadline", "phase", "seconds")
+
+    def __init__(self, phase: Phase, seconds: float, now: float) -> None:
+        self.phase = phase
+        self.seconds = seconds
+        self.deadline = now + seconds
+
+    def resolve(self, reply: Reply) -> None:
+        raise NotImplementedError
+
+    def reject(self, error: SMTPError) -> None:
+        raise NotImplementedError
+
+
+class _Waiter(_Pending):
+    """A command with a Deferred of its own."""
+
+    __slots__ = ("deferred",)
 
     def __init__(
         self,
@@ -130,9 +147,7 @@ class _Waiter:
         now: float,
         canceller: Callable[[Deferred[Reply]], None],
     ) -> None:
-        self.phase = phase
-        self.seconds = seconds
-        self.deadline = now + seconds
+        super().__init__(phase, seconds, now)
         self.deferred: Deferred[Reply] = Deferred(canceller)
 
     def resolve(self, reply: Reply) -> None:
@@ -165,15 +180,13 @@ class _Batch:
             self.deferred.callback(self.outcomes)
 
 
-class _BatchWaiter:
+class _BatchWaiter(_Pending):
     """A command of a pipelined group: its outcome goes to the group."""
 
-    __slots__ = ("batch", "deadline", "phase", "seconds")
+    __slots__ = ("batch",)
 
     def __init__(self, phase: Phase, seconds: float, now: float, batch: _Batch) -> None:
-        self.phase = phase
-        self.seconds = seconds
-        self.deadline = now + seconds
+        super().__init__(phase, seconds, now)
         self.batch = batch
 
     def resolve(self, reply: Reply) -> None:
@@ -211,7 +224,7 @@ class ESMTPClient(LineReceiver):
         self.allow_plaintext_auth = allow_plaintext_auth
         self._transcript = transcript
         self._parser = ReplyParser()
-        self._waiters: deque[_Waiter | _BatchWaiter] = deque()
+        self._waiters: deque[_Pending] = deque()
         self._failure: SMTPError | None = None
         self._greeting: Deferred[Reply] | None = None
         self._greeting_failure: Failure | None = None
@@ -520,24 +533,13 @@ class ESMTPClient(LineReceiver):
             lines.append(b"DATA")
             phases.append(Phase.DATA)
         payload = b"\r\n".join(lines) + b"\r\n"
-        breaks = len(lines)
-        if (
-            payload.count(b"\r") != breaks
-            or payload.count(b"\n") != breaks
-            or b"\0" in payload
-        ):
-            # Validation should make this unreachable; never send it.
+        if _stray_line_break(payload, len(lines)):
             return fail(
                 InvalidArgument("refusing to send a command line with CR, LF or NUL")
             )
-        if self._failure is not None:
-            return fail(self._failure)
-        if self._pending_tls is not None or self.transport is None:
-            return fail(
-                ProtocolViolation(
-                    "cannot send MAIL before the connection is ready", phase=Phase.MAIL
-                )
-            )
+        if (refusal := self._not_ready(Phase.MAIL)) is not None:
+            return fail(refusal)
+        assert self.transport is not None
         batch = _Batch(len(lines), self._cancel)
         now = self.clock.seconds()
         for line, phase in zip(lines, phases, strict=True):
@@ -584,20 +586,18 @@ class ESMTPClient(LineReceiver):
         # anything: the phase is DATA, and each block gets its own timeout.
         waiter = self._expect(Phase.DATA, seconds=self.timeouts.data_block)
         self._record("C", _BODY_SHOWN)
-        streamed = self._waiters[-1]
-        assert isinstance(streamed, _Waiter)
-        _BodyStreamer(self, streamed, message.chunks()).start()
+        _BodyStreamer(self, self._waiters[-1], message.chunks()).start()
         return waiter
 
-    def _block_sent(self, waiter: _Waiter) -> None:
+    def _block_sent(self, waiter: _Pending) -> None:
         """A block of the body went out: its timeout starts again."""
         self._restart(waiter, waiter.phase, self.timeouts.data_block)
 
-    def _body_finished(self, waiter: _Waiter) -> None:
+    def _body_finished(self, waiter: _Pending) -> None:
         """The terminator is out: from now on a loss means outcome unknown."""
         self._restart(waiter, Phase.END_OF_DATA, self.timeouts.end_of_data)
 
-    def _restart(self, waiter: _Waiter, phase: Phase, seconds: float) -> None:
+    def _restart(self, waiter: _Pending, phase: Phase, seconds: float) -> None:
         waiter.phase = phase
         waiter.seconds = seconds
         waiter.deadline = self.clock.seconds() + seconds
@@ -652,16 +652,14 @@ class ESMTPClient(LineReceiver):
     def _command(
         self, line: bytes, phase: Phase, *, shown: bytes | None = None
     ) -> Deferred[Reply]:
-        if b"\r" in line or b"\n" in line or b"\0" in line:
-            # Validation above should make this unreachable; never send it.
+        data = line + b"\r\n"
+        if _stray_line_break(data, 1):
             return fail(
                 InvalidArgument(
                     f"refusing to send a {phase.value} line with CR, LF or NUL"
                 )
             )
-        return self._send(
-            line + b"\r\n", phase, shown=shown if shown is not None else line
-        )
+        return self._send(data, phase, shown=shown if shown is not None else line)
 
     def _send(
         self,
@@ -671,20 +669,25 @@ class ESMTPClient(LineReceiver):
         shown: bytes,
         seconds: float | None = None,
     ) -> Deferred[Reply]:
-        if self._failure is not None:
-            return fail(self._failure)
-        if self._pending_tls is not None or self.transport is None:
-            return fail(
-                ProtocolViolation(
-                    f"cannot send {phase.value} before the connection is ready",
-                    phase=phase,
-                )
-            )
+        if (refusal := self._not_ready(phase)) is not None:
+            return fail(refusal)
+        assert self.transport is not None
         waiter = self._expect(phase, seconds=seconds)
         if self._transcript is not None:
             self._transcript("C", shown)
         write_now(self.transport, data)
         return waiter
+
+    def _not_ready(self, phase: Phase) -> SMTPError | None:
+        """Why nothing may be sent now, if anything stops it."""
+        if self._failure is not None:
+            return self._failure
+        if self._pending_tls is not None or self.transport is None:
+            return ProtocolViolation(
+                f"cannot send {phase.value} before the connection is ready",
+                phase=phase,
+            )
+        return None
 
     def _expect(self, phase: Phase, *, seconds: float | None = None) -> Deferred[Reply]:
         if seconds is None:
@@ -695,7 +698,7 @@ class ESMTPClient(LineReceiver):
         self._arm(waiter, now)
         return waiter.deferred
 
-    def _arm(self, waiter: _Waiter | _BatchWaiter, now: float | None = None) -> None:
+    def _arm(self, waiter: _Pending, now: float | None = None) -> None:
         """Make the reply timer due no later than ``waiter``'s deadline.
 
         It may come due early, for a command answered since; it then waits on
@@ -707,15 +710,15 @@ class ESMTPClient(LineReceiver):
         if timer is not None and timer.active():
             if timer.getTime() <= waiter.deadline:
                 return
-            if now is None:
-                now = self.clock.seconds()
-            timer.reset(max(0.0, waiter.deadline - now))
         else:
-            if now is None:
-                now = self.clock.seconds()
-            self._reply_timer = self.clock.callLater(
-                max(0.0, waiter.deadline - now), self._reply_overdue
-            )
+            timer = None
+        if now is None:
+            now = self.clock.seconds()
+        delay = max(0.0, waiter.deadline - now)
+        if timer is not None:
+            timer.reset(delay)
+        else:
+            self._reply_timer = self.clock.callLater(delay, self._reply_overdue)
 
     def _disarm(self) -> None:
         timer, self._reply_timer = self._reply_timer, None
@@ -798,6 +801,13 @@ class ESMTPClient(LineReceiver):
             self._transcript(direction, line)
 
 
+def _stray_line_break(data: bytes, lines: int) -> bool:
+    """Does ``data``, ``lines`` command lines each ended by CRLF, hold a CR,
+    LF or NUL of its own? Validation should make that impossible: this is the
+    last guard against command injection, so such data is never sent."""
+    return data.count(b"\r") != lines or data.count(b"\n") != lines or b"\0" in data
+
+
 def _handshake_error(reason: Failure, hostname: str) -> SMTPError:
     """Map why a connection died during the TLS handshake to a typed error."""
     value = reason.value
@@ -860,7 +870,7 @@ class _BodyStreamer:
     """Writes a body chunk by chunk while the transport keeps up."""
 
     def __init__(
-        self, client: ESMTPClient, waiter: _Waiter, chunks: Iterator[bytes]
+        self, client: ESMTPClient, waiter: _Pending, chunks: Iterator[bytes]
     ) -> None:
         self._client = client
         self._waiter = waiter
