@@ -397,12 +397,14 @@ def child_twisted_sendmail(args: ChildArgs) -> dict[str, Any]:
     return run_on_reactor(main)  # type: ignore[no-any-return]
 
 
-def _read_reply(sock: socket.socket) -> bytes:
+def read_reply(sock: socket.socket) -> bytes:
+    """One whole SMTP reply from a blocking socket (shared with
+    bench_conn_postfix.py)."""
     data = b""
     while True:
         chunk = sock.recv(4096)
         if not chunk:
-            raise ConnectionError("sink closed the connection")
+            raise ConnectionError("the server closed the connection")
         data += chunk
         # The last line of a reply has a space (or nothing) after the code.
         lines = data.split(b"\r\n")
@@ -516,10 +518,10 @@ def child_tls_anchor(args: ChildArgs) -> dict[str, Any]:
     meter.start()
     for _ in range(args.count):
         with socket.create_connection(("127.0.0.1", args.port)) as sock:
-            if not _read_reply(sock).startswith(b"220 "):
+            if not read_reply(sock).startswith(b"220 "):
                 raise RuntimeError("bad greeting")
             sock.sendall(b"STARTTLS\r\n")
-            if not _read_reply(sock).startswith(b"220 "):
+            if not read_reply(sock).startswith(b"220 "):
                 raise RuntimeError("STARTTLS refused")
             with context.wrap_socket(sock, server_hostname=SERVER_NAME) as tls_sock:
                 tls = f"{tls_sock.version()} {tls_sock.cipher()[0]}"

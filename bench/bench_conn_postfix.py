@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_client import read_reply  # this script's own directory
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
@@ -42,27 +43,17 @@ from txstarttls.pool import ConnectionPool, PoolLimits
 from txstarttls.testing import CertificateAuthority
 
 
-def _reply(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\r\n") or data.split(b"\r\n")[-2][3:4] == b"-":
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("Postfix closed the connection")
-        data += chunk
-    return data
-
-
 def handshake_anchor(postfix: PostfixInstance, count: int) -> float:
     """Verified STARTTLS handshakes per second against ``postfix``."""
     context = ssl.create_default_context(cafile=str(postfix.ca_file))
     started = time.perf_counter()
     for _ in range(count):
         with socket.create_connection((postfix.host, postfix.port)) as sock:
-            _reply(sock)
+            read_reply(sock)
             sock.sendall(b"EHLO client.test.example\r\n")
-            _reply(sock)
+            read_reply(sock)
             sock.sendall(b"STARTTLS\r\n")
-            if not _reply(sock).startswith(b"220"):
+            if not read_reply(sock).startswith(b"220"):
                 raise RuntimeError("STARTTLS refused")
             with context.wrap_socket(sock, server_hostname=postfix.tls_hostname):
                 pass
