@@ -66,6 +66,35 @@ async def test_write_on_plain_tcp_leaves_before_the_reactor_turns() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_write_on_plain_tcp_never_registers_the_connection_for_writing() -> None:
+    """Each registration is an epoll_ctl() to add and one to remove it again."""
+    registered: list[str] = []
+
+    def speak(transport: ITransport) -> None:
+        assert type(transport) is Server
+        transport.startWriting = lambda: registered.append("start")  # type: ignore[method-assign]
+        write_now(transport, b"220 ready\r\n")
+        write_now(transport, b"250 ok\r\n")
+
+    assert await _what_a_client_reads(speak) == b"220 ready\r\n250 ok\r\n"
+    assert registered == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_socket_does_not_take_is_buffered_in_order() -> None:
+    """A reply larger than the socket's send buffer: the rest waits for the
+    reactor, and a later write goes behind it, never through it."""
+    big = bytes(range(256)) * 16384  # 4 MiB, far more than a send buffer
+
+    def speak(transport: ITransport) -> None:
+        write_now(transport, big)
+        assert transport.dataBuffer or transport._tempDataBuffer  # type: ignore[attr-defined]
+        write_now(transport, b"END")
+
+    assert await _what_a_client_reads(speak) == big + b"END"
+
+
+@pytest_twisted.ensureDeferred
 async def test_write_keeps_its_place_behind_buffered_bytes() -> None:
     def speak(transport: ITransport) -> None:
         transport.write(b"first ")
