@@ -38,6 +38,7 @@ from txstarttls.queue import (
     QueueEntry,
     RecipientState,
     deliver_to_incoming,
+    files,
     new_queue_id,
 )
 
@@ -103,6 +104,9 @@ def arm(directory: str, crash_at: int) -> None:
     for name in WRAPPED:
         setattr(os, name, wrap(name))
     os.close = close
+    # New messages are renamed into place by one call of the queue's own.
+    real["rename_no_replace"] = files.rename_no_replace
+    files.rename_no_replace = wrap("rename_no_replace")
 
 
 async def scenario(reactor: IReactorFromThreads, directory: str, acks: int) -> None:

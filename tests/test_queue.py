@@ -8,6 +8,7 @@ deaths from tests/queue_crash_helper.py.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import json
@@ -50,6 +51,7 @@ from txstarttls.queue import (
     StoreError,
     StoreLocked,
     deliver_to_incoming,
+    files,
     new_queue_id,
     valid_queue_id,
 )
@@ -157,8 +159,10 @@ def fail_when(
     code: int,
     matches: Callable[[str], bool],
 ) -> None:
-    """Make ``os.<name>`` fail with ``code`` when its (fd's) path matches."""
-    real = getattr(os, name)
+    """Make ``os.<name>`` (or the queue's ``rename_no_replace``) fail with
+    ``code`` when its (fd's) path matches."""
+    module: Any = files if name == "rename_no_replace" else os
+    real = getattr(module, name)
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         first = args[0]
@@ -167,7 +171,7 @@ def fail_when(
             raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(os, name, failing)
+    monkeypatch.setattr(module, name, failing)
 
 
 async def errors_of(deferreds: list[defer.Deferred[None]]) -> list[Exception | None]:
@@ -475,6 +479,48 @@ async def test_refuses_a_size_that_lies_and_an_id_in_use(
         await store.add(entry, b"Subject: hi\r\n\r\nhello\r\n")
 
 
+@ensure_deferred
+async def test_refuses_an_id_an_older_layout_message_holds(
+    store: FilesystemStore, queue_dir: Path
+) -> None:
+    content = b"Subject: old\r\n\r\nqueued before the upgrade\r\n"
+    old = an_entry(content)
+    write_old_layout(queue_dir, old, content)
+    clash = dataclasses.replace(an_entry(), queue_id=old.queue_id)
+    with pytest.raises(StoreError, match="already in use"):
+        await store.add(clash, b"Subject: hi\r\n\r\nhello\r\n")
+    assert store.get(old.queue_id) == old
+    assert store.read_content(old.queue_id) == content
+    assert listing(queue_dir / "tmp") == []
+
+
+def _renameat2_refusing_the_flag(*args: object) -> int:
+    ctypes.set_errno(errno.EINVAL)
+    return -1
+
+
+@pytest.mark.parametrize(
+    "renameat2",
+    [files._RENAMEAT2, None, _renameat2_refusing_the_flag],
+    ids=["renameat2", "without renameat2", "file system without the flag"],
+)
+def test_rename_no_replace_renames_but_never_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: object
+) -> None:
+    monkeypatch.setattr(files, "_RENAMEAT2", renameat2)
+    source, target = tmp_path / "new", tmp_path / "taken"
+    source.write_bytes(b"new")
+    target.write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        files.rename_no_replace(str(source), str(target))
+    assert (source.read_bytes(), target.read_bytes()) == (b"new", b"old")
+    target.unlink()
+    files.rename_no_replace(str(source), str(target))
+    assert not source.exists() and target.read_bytes() == b"new"
+    with pytest.raises(FileNotFoundError):
+        files.rename_no_replace(str(source), str(tmp_path / "elsewhere"))
+
+
 def test_add_sync_blocks_until_durable(durable_store: FilesystemStore) -> None:
     entry = an_entry()
     durable_store.add_sync(entry, b"Subject: hi\r\n\r\nhello\r\n")
@@ -537,6 +583,7 @@ class Recorder:
         self.events: list[tuple[str, ...]] = []
         real_open, real_fsync = os.open, os.fsync
         real_replace, real_unlink = os.replace, os.unlink
+        real_rename_no_replace = files.rename_no_replace
 
         def opening(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
             if str(path).startswith(str(root)) and flags & os.O_CREAT:
@@ -551,6 +598,10 @@ class Recorder:
             self.events.append(("rename", str(source), str(target)))
             real_replace(source, target)
 
+        def rename_no_replace(source: str, target: str) -> None:
+            self.events.append(("rename", source, target))
+            real_rename_no_replace(source, target)
+
         def unlink(path: Any) -> None:
             self.events.append(("unlink", str(path)))
             real_unlink(path)
@@ -558,6 +609,7 @@ class Recorder:
         monkeypatch.setattr(os, "open", opening)
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(files, "rename_no_replace", rename_no_replace)
         monkeypatch.setattr(os, "unlink", unlink)
 
     def fired(self, deferred: defer.Deferred[T]) -> defer.Deferred[T]:
@@ -678,7 +730,7 @@ async def test_close_finishes_pending_writes_then_refuses(queue_dir: Path) -> No
     [
         ("write", errno.ENOSPC, ".msg.tmp"),
         ("fsync", errno.EIO, ".msg.tmp"),
-        ("replace", errno.EACCES, ".msg"),
+        ("rename_no_replace", errno.EACCES, ".msg"),
         ("write", errno.EDQUOT, ".msg.tmp"),
     ],
 )
@@ -1158,7 +1210,7 @@ async def test_crash_at_every_step_loses_nothing_acknowledged(tmp_path: Path) ->
         ("link", "incoming", "json"),
         ("open", "tmp", "msg.tmp"),
         ("write", "tmp", "msg.tmp"),
-        ("replace", "messages", "msg"),
+        ("rename_no_replace", "messages", "msg"),
         ("open", "tmp", "json.tmp"),
         ("write", "tmp", "json.tmp"),
         ("replace", "messages", "json"),

@@ -14,10 +14,12 @@ call time, so tests can wrap the os functions to count, fail or crash them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -102,6 +104,54 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _find_renameat2() -> Callable[..., int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return None
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2: Final = _find_renameat2()
+_AT_FDCWD: Final = -100
+_RENAME_NOREPLACE: Final = 1
+
+
+def rename_no_replace(source: str, target: str) -> None:
+    """Rename ``source`` to ``target``; FileExistsError if ``target`` exists.
+
+    One ``renameat2(RENAME_NOREPLACE)`` on Linux: the check and the rename
+    are one atomic call instead of a ``lstat`` and a ``rename``, and on the
+    queue writer's thread every system call is a hand-over of the GIL with
+    the reactor thread. Elsewhere, or on a file system that cannot do it,
+    a check and then ``os.replace``.
+    """
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(
+            _AT_FDCWD,
+            os.fsencode(source),
+            _AT_FDCWD,
+            os.fsencode(target),
+            _RENAME_NOREPLACE,
+        ):
+            code = ctypes.get_errno()
+            if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise OSError(code, os.strerror(code), source, None, target)
+        else:
+            return
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
+    os.replace(source, target)
 
 
 def fsync_directory(path: str) -> None:

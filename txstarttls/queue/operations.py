@@ -25,6 +25,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from txstarttls.queue import files
 from txstarttls.queue.entry import QueueEntry
 from txstarttls.queue.errors import MessageNotFound, StoreError, disk
 from txstarttls.queue.files import Layout, create_file, remove_quietly
@@ -105,14 +106,25 @@ class Operation:
         """Rename ``source`` to ``messages/ID.msg``; StoreError ``taken`` (EEXIST)
         rather than replace a message or envelope already there."""
         message = self.layout.message(queue_id)
-        if os.path.lexists(message) or os.path.lexists(self.layout.envelope(queue_id)):
-            raise StoreError(taken, errno_code=errno.EEXIST, path=message)
-        self.rename(source, message)
+        try:
+            # An envelope alone is a message of the older two-file layout.
+            if os.path.lexists(self.layout.envelope(queue_id)):
+                raise FileExistsError(errno.EEXIST, taken, message)
+            # Looked up at call time, like the os calls, so tests can wrap it.
+            files.rename_no_replace(source, message)
+        except FileExistsError:
+            raise StoreError(taken, errno_code=errno.EEXIST, path=message) from None
+        except OSError as exc:
+            raise StoreError.from_os_error("rename", exc, message) from exc
+        self._placed(source, message)
         return message
 
     def rename(self, source: str, target: str) -> None:
         with disk("rename", target):
             os.replace(source, target)
+        self._placed(source, target)
+
+    def _placed(self, source: str, target: str) -> None:
         self.temporary.remove(source)
         self.touched.add(os.path.dirname(target))
 
