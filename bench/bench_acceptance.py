@@ -26,6 +26,12 @@ Delivery is kept out of the way so only acceptance is measured:
   ``defer_transports = smtp``, so qmgr moves each message to the deferred
   queue with a defer log.
 
+``--anchor`` adds a third server to every round, ``bench/twisted_floor.py``:
+canned replies from a bare Twisted protocol that keeps nothing, the least a
+Twisted listener can cost for the same connections. smtp-source's own CPU
+per message is reported too: on two CPUs it shares the machine with the
+server under test.
+
 While smtp-source runs, a separate Python client (``relaybench.py probe``)
 sends paced messages over its own connections and times each final dot to
 its reply: the 50th and 99th percentiles are reported. The servers' memory
@@ -57,6 +63,7 @@ from pathlib import Path
 from relaybench import (
     HOST,
     BenchError,
+    Floor,
     MemorySampler,
     Perf,
     Postfix,
@@ -107,6 +114,7 @@ class Outcome:
     peak_rss_mb: float
     peak_pss_mb: float
     cpu_ms_per_msg: float
+    load_cpu_ms_per_msg: float
     queued: int
     expected: int
     queue_detail: str
@@ -119,7 +127,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mode", choices=sorted(POSTFIX_MODES), default="hold")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA order")
     parser.add_argument(
-        "--only", choices=["relay", "postfix"], help="run one server only"
+        "--only", choices=["relay", "postfix", "floor"], help="run one server only"
+    )
+    parser.add_argument(
+        "--anchor",
+        action="store_true",
+        help="add the bare Twisted responder (bench/twisted_floor.py) to each round",
     )
     parser.add_argument("--probe-rate", type=float, default=50.0, help="msgs/s")
     parser.add_argument("--probe-connections", type=int, default=2)
@@ -141,7 +154,8 @@ def loaded_run(
     workdir: Path,
     port: int,
     sampler: MemorySampler,
-) -> tuple[float, ProbeResult]:
+) -> tuple[float, float, ProbeResult]:
+    """Elapsed seconds, smtp-source's CPU seconds and the probe's result."""
     probe: Probe | None = None
 
     def start_probe() -> None:
@@ -172,7 +186,7 @@ def loaded_run(
             probe.abandon()
     if result.errors:
         raise BenchError(f"latency probe errors: {result.errors[:3]}")
-    return load.elapsed, result
+    return load.elapsed, load.cpu, result
 
 
 def run_relay(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
@@ -213,7 +227,7 @@ def run_relay(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
         cpu_before, threads_before = relay.cpu(), relay.thread_cpu()
         own_before = cpu_seconds(relay.pid)
         sampler = MemorySampler(relay.memory)
-        elapsed, probe = loaded_run(args, workdir, relay.port, sampler)
+        elapsed, load_cpu, probe = loaded_run(args, workdir, relay.port, sampler)
         cpu = relay.cpu() - cpu_before
         print(f"relay CPU: {cpu_split(threads_before, relay.thread_cpu(), elapsed)}")
         listeners = cpu - (cpu_seconds(relay.pid) - own_before)
@@ -248,6 +262,7 @@ def run_relay(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
             max(hwm, sampler.peak_rss_kb),
             sampler.peak_pss_kb,
             cpu,
+            load_cpu,
             counts["envelopes"],
             expected,
             f"{counts['envelopes']} envelopes, {counts['contents']} contents, "
@@ -268,7 +283,7 @@ def run_postfix(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome
             )
         cpu_before = postfix.cpu()
         sampler = MemorySampler(postfix.memory, interval=0.2)
-        elapsed, probe = loaded_run(args, workdir, postfix.port, sampler)
+        elapsed, load_cpu, probe = loaded_run(args, workdir, postfix.port, sampler)
         cpu = postfix.cpu() - cpu_before
         expected = args.warmup + args.count + probe.accepted
         wanted = "hold" if args.mode == "hold" else "deferred"
@@ -287,11 +302,42 @@ def run_postfix(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome
             sampler.peak_rss_kb,
             sampler.peak_pss_kb,
             cpu,
+            load_cpu,
             counts[wanted],
             expected,
             ", ".join(f"{n} {k}" for k, n in counts.items() if n),
             ok=sum(counts.values()) == counts[wanted] == expected,
         )
+
+
+def run_floor(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
+    floor = Floor()
+    try:
+        if args.warmup:
+            smtp_source(floor.port, args.warmup, sessions=args.sessions, size=args.size)
+        cpu_before = cpu_seconds(floor.pid)
+        sampler = MemorySampler(floor.memory)
+        elapsed, load_cpu, probe = loaded_run(args, workdir, floor.port, sampler)
+        cpu = cpu_seconds(floor.pid) - cpu_before
+        hwm = peak_rss_kb(floor.pid)
+    finally:
+        acknowledged = floor.stop()
+    expected = args.warmup + args.count + probe.accepted
+    return outcome(
+        "Twisted floor (keeps nothing)",
+        round_,
+        args,
+        elapsed,
+        probe,
+        max(hwm, sampler.peak_rss_kb),
+        sampler.peak_pss_kb,
+        cpu,
+        load_cpu,
+        acknowledged,
+        expected,
+        f"{acknowledged} acknowledged",
+        ok=acknowledged == expected,
+    )
 
 
 def outcome(
@@ -303,6 +349,7 @@ def outcome(
     rss_kb: int,
     pss_kb: int,
     cpu: float,
+    load_cpu: float,
     queued: int,
     expected: int,
     detail: str,
@@ -326,6 +373,7 @@ def outcome(
         peak_rss_mb=rss_kb / 1024,
         peak_pss_mb=pss_kb / 1024,
         cpu_ms_per_msg=cpu * 1000 / (args.count + len(probe.latencies)),
+        load_cpu_ms_per_msg=load_cpu * 1000 / args.count,
         queued=queued,
         expected=expected,
         queue_detail=detail,
@@ -355,6 +403,7 @@ def report(outcomes: list[Outcome]) -> str:
                 f"{item.p50_ms:.1f} / {item.p99_ms:.1f} (n={item.probe_count})",
                 f"{item.peak_rss_mb:.0f} / {item.peak_pss_mb:.0f}",
                 f"{item.cpu_ms_per_msg:.2f}",
+                f"{item.load_cpu_ms_per_msg:.2f}",
                 f"{item.queued} = {item.expected}",
             ]
         )
@@ -369,6 +418,7 @@ def report(outcomes: list[Outcome]) -> str:
             "dot->250 p50 / p99 ms",
             "peak RSS / PSS MB",
             "CPU ms/msg",
+            "smtp-source CPU ms/msg",
             "queued = sent",
         ],
         rows,
@@ -389,10 +439,14 @@ def main() -> int:
     outcomes: list[Outcome] = []
     try:
         servers = ["relay", "postfix"] if args.only is None else [args.only]
+        if args.anchor and "floor" not in servers:
+            servers.append("floor")
         for round_, server in abba_order(servers, args.rounds):
             where = workdir / f"{server}-{round_}"
             where.mkdir(mode=0o755)
-            run = run_relay if server == "relay" else run_postfix
+            run = {"relay": run_relay, "postfix": run_postfix, "floor": run_floor}[
+                server
+            ]
             item = run(args, where, round_)
             print(
                 f"round {round_} {item.server}: {item.rate:.0f} msgs/s, p99 "

@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -824,6 +825,46 @@ def make_certificates(workdir: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+# -- the anchor: a bare Twisted SMTP responder ------------------------------------
+
+
+class Floor:
+    """``bench/twisted_floor.py`` as a child process on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[str] | None = subprocess.Popen(
+            [sys.executable, str(HERE / "twisted_floor.py"), str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.pid = self.process.pid
+        try:
+            wait_for_greeting(self.port, self.alive)
+        except BenchError:
+            self.stop()
+            raise
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def memory(self) -> tuple[int, int]:
+        return rollup_kb(self.pid) or (0, 0)
+
+    def stop(self) -> int:
+        """Stop it; how many messages it acknowledged (-1 if it did not say)."""
+        if self.process is None:
+            return -1
+        process, self.process = self.process, None
+        terminate(process, _STOP_TIMEOUT)
+        output = process.stdout.read() if process.stdout is not None else ""
+        found = re.search(r"acknowledged (\d+)", output)
+        return int(found.group(1)) if found else -1
+
+
 # -- load: smtp-source ------------------------------------------------------------
 
 
@@ -832,6 +873,8 @@ class LoadResult:
     count: int
     elapsed: float
     completed: int
+    cpu: float
+    """smtp-source's own CPU seconds (user + system)."""
 
     @property
     def rate(self) -> float:
@@ -868,6 +911,9 @@ def smtp_source(
         f"{HOST}:{port}",
     ]
     started = time.perf_counter()
+    # Children reaped meanwhile are smtp-source alone: the probe and the
+    # servers outlive it.
+    reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -879,6 +925,10 @@ def smtp_source(
         terminate(process, 5)
         raise
     elapsed = time.perf_counter() - started
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (reaped.ru_utime - reaped_before.ru_utime) + (
+        reaped.ru_stime - reaped_before.ru_stime
+    )
     counters = re.findall(r"\d+", out)
     completed = int(counters[-1]) if counters else 0
     if process.returncode != 0 or completed != count:
@@ -886,7 +936,7 @@ def smtp_source(
             f"smtp-source failed (exit {process.returncode}, {completed} of {count} "
             f"DATA completed): {err.strip()[-500:]}"
         )
-    return LoadResult(count, elapsed, completed)
+    return LoadResult(count, elapsed, completed, cpu)
 
 
 # -- the latency probe --------------------------------------------------------------
