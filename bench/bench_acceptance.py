@@ -149,13 +149,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+@dataclass
+class Measured:
+    """One server's loaded run: the load, the probe, then what it cost."""
+
+    elapsed: float
+    load_cpu: float
+    probe: ProbeResult
+    rss_kb: int = 0
+    pss_kb: int = 0
+    cpu: float = 0.0
+
+
 def loaded_run(
     args: argparse.Namespace,
     workdir: Path,
     port: int,
     sampler: MemorySampler,
-) -> tuple[float, float, ProbeResult]:
-    """Elapsed seconds, smtp-source's CPU seconds and the probe's result."""
+) -> Measured:
     probe: Probe | None = None
 
     def start_probe() -> None:
@@ -186,7 +197,7 @@ def loaded_run(
             probe.abandon()
     if result.errors:
         raise BenchError(f"latency probe errors: {result.errors[:3]}")
-    return load.elapsed, load.cpu, result
+    return Measured(load.elapsed, load.cpu, result)
 
 
 def run_relay(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
@@ -227,8 +238,9 @@ def run_relay(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
         cpu_before, threads_before = relay.cpu(), relay.thread_cpu()
         own_before = cpu_seconds(relay.pid)
         sampler = MemorySampler(relay.memory)
-        elapsed, load_cpu, probe = loaded_run(args, workdir, relay.port, sampler)
-        cpu = relay.cpu() - cpu_before
+        run = loaded_run(args, workdir, relay.port, sampler)
+        run.cpu = cpu = relay.cpu() - cpu_before
+        elapsed = run.elapsed
         print(f"relay CPU: {cpu_split(threads_before, relay.thread_cpu(), elapsed)}")
         listeners = cpu - (cpu_seconds(relay.pid) - own_before)
         if relay.listener_pids():
@@ -241,10 +253,11 @@ def run_relay(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
             spy.stop()
             print(f"\nrelay profile, round {round_} ({spy.output}):")
             print(summarize_profile(spy.output))
-        hwm = peak_rss_kb(relay.pid)
+        run.rss_kb = max(peak_rss_kb(relay.pid), sampler.peak_rss_kb)
+        run.pss_kb = sampler.peak_pss_kb
         if not relay.alive():
             raise BenchError(f"the relay died:\n{relay.log_tail()}")
-        expected = args.warmup + args.count + probe.accepted
+        expected = args.warmup + args.count + run.probe.accepted
         deadline = time.monotonic() + 30
         while True:
             # Temporary files are writes in flight (deferrals, refused mode).
@@ -253,23 +266,14 @@ def run_relay(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
             if done or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        return outcome(
-            "txstarttls relay",
-            round_,
-            args,
-            elapsed,
-            probe,
-            max(hwm, sampler.peak_rss_kb),
-            sampler.peak_pss_kb,
-            cpu,
-            load_cpu,
-            counts["envelopes"],
-            expected,
-            f"{counts['envelopes']} envelopes, {counts['contents']} contents, "
-            f"{counts['temporary']} temporary",
-            ok=counts["envelopes"] == counts["contents"] == expected
-            and counts["temporary"] == 0,
+        queued = counts["envelopes"]
+        detail = (
+            f"{queued} envelopes, {counts['contents']} contents, "
+            f"{counts['temporary']} temporary"
         )
+        ok = queued == counts["contents"] == expected and counts["temporary"] == 0
+        server = "txstarttls relay"
+        return outcome(server, round_, args, run, queued, expected, detail, ok)
 
 
 def run_postfix(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
@@ -283,9 +287,10 @@ def run_postfix(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome
             )
         cpu_before = postfix.cpu()
         sampler = MemorySampler(postfix.memory, interval=0.2)
-        elapsed, load_cpu, probe = loaded_run(args, workdir, postfix.port, sampler)
-        cpu = postfix.cpu() - cpu_before
-        expected = args.warmup + args.count + probe.accepted
+        run = loaded_run(args, workdir, postfix.port, sampler)
+        run.cpu = postfix.cpu() - cpu_before
+        run.rss_kb, run.pss_kb = sampler.peak_rss_kb, sampler.peak_pss_kb
+        expected = args.warmup + args.count + run.probe.accepted
         wanted = "hold" if args.mode == "hold" else "deferred"
         deadline = time.monotonic() + 30
         while True:
@@ -293,21 +298,11 @@ def run_postfix(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome
             if counts[wanted] >= expected or time.monotonic() > deadline:
                 break
             time.sleep(0.2)  # qmgr still moving messages (refused mode)
-        return outcome(
-            f"Postfix ({args.mode})",
-            round_,
-            args,
-            elapsed,
-            probe,
-            sampler.peak_rss_kb,
-            sampler.peak_pss_kb,
-            cpu,
-            load_cpu,
-            counts[wanted],
-            expected,
-            ", ".join(f"{n} {k}" for k, n in counts.items() if n),
-            ok=sum(counts.values()) == counts[wanted] == expected,
-        )
+        queued = counts[wanted]
+        detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+        ok = sum(counts.values()) == queued == expected
+        server = f"Postfix ({args.mode})"
+        return outcome(server, round_, args, run, queued, expected, detail, ok)
 
 
 def run_floor(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
@@ -317,63 +312,48 @@ def run_floor(args: argparse.Namespace, workdir: Path, round_: int) -> Outcome:
             smtp_source(floor.port, args.warmup, sessions=args.sessions, size=args.size)
         cpu_before = cpu_seconds(floor.pid)
         sampler = MemorySampler(floor.memory)
-        elapsed, load_cpu, probe = loaded_run(args, workdir, floor.port, sampler)
-        cpu = cpu_seconds(floor.pid) - cpu_before
-        hwm = peak_rss_kb(floor.pid)
+        run = loaded_run(args, workdir, floor.port, sampler)
+        run.cpu = cpu_seconds(floor.pid) - cpu_before
+        run.rss_kb = max(peak_rss_kb(floor.pid), sampler.peak_rss_kb)
+        run.pss_kb = sampler.peak_pss_kb
     finally:
         acknowledged = floor.stop()
-    expected = args.warmup + args.count + probe.accepted
-    return outcome(
-        "Twisted floor (keeps nothing)",
-        round_,
-        args,
-        elapsed,
-        probe,
-        max(hwm, sampler.peak_rss_kb),
-        sampler.peak_pss_kb,
-        cpu,
-        load_cpu,
-        acknowledged,
-        expected,
-        f"{acknowledged} acknowledged",
-        ok=acknowledged == expected,
-    )
+    expected = args.warmup + args.count + run.probe.accepted
+    detail = f"{acknowledged} acknowledged"
+    ok = acknowledged == expected
+    server = "Twisted floor (keeps nothing)"
+    return outcome(server, round_, args, run, acknowledged, expected, detail, ok)
 
 
 def outcome(
     server: str,
     round_: int,
     args: argparse.Namespace,
-    elapsed: float,
-    probe: ProbeResult,
-    rss_kb: int,
-    pss_kb: int,
-    cpu: float,
-    load_cpu: float,
+    run: Measured,
     queued: int,
     expected: int,
     detail: str,
-    *,
     ok: bool,
 ) -> Outcome:
     if not ok:
         raise BenchError(
             f"{server}: the queue holds {detail}; expected exactly {expected}"
         )
+    probe = run.probe
     return Outcome(
         server=server,
         round=round_,
         messages=args.count,
-        elapsed=elapsed,
-        rate=args.count / elapsed,
+        elapsed=run.elapsed,
+        rate=args.count / run.elapsed,
         probe_count=len(probe.latencies),
         p50_ms=probe.median * 1000,
         p99_ms=probe.p(99) * 1000,
         max_ms=max(probe.latencies, default=float("nan")) * 1000,
-        peak_rss_mb=rss_kb / 1024,
-        peak_pss_mb=pss_kb / 1024,
-        cpu_ms_per_msg=cpu * 1000 / (args.count + len(probe.latencies)),
-        load_cpu_ms_per_msg=load_cpu * 1000 / args.count,
+        peak_rss_mb=run.rss_kb / 1024,
+        peak_pss_mb=run.pss_kb / 1024,
+        cpu_ms_per_msg=run.cpu * 1000 / (args.count + len(probe.latencies)),
+        load_cpu_ms_per_msg=run.load_cpu * 1000 / args.count,
         queued=queued,
         expected=expected,
         queue_detail=detail,

@@ -66,9 +66,10 @@ class FloorSession(LineReceiver):
 
 def main() -> None:
     port = int(sys.argv[1])
-    endpoint = serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1")
+    description = f"tcp:{port}:interface=127.0.0.1"
+    endpoint = serverFromString(reactor, description)  # type: ignore[no-untyped-call]
     endpoint.listen(Factory.forProtocol(FloorSession))
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     print(f"acknowledged {FloorSession.acknowledged}", flush=True)
 
 

@@ -215,6 +215,14 @@ def write_old_layout(root: Path, entry: QueueEntry, content: bytes) -> None:
     (messages / f"{entry.queue_id}.json").write_bytes(entry.to_json())
 
 
+def an_old_layout_message(root: Path) -> tuple[QueueEntry, bytes]:
+    """A message queued in the two-file layout before an upgrade, in ``root``."""
+    content = b"Subject: old\r\n\r\nqueued before the upgrade\r\n"
+    old = an_entry(content)
+    write_old_layout(root, old, content)
+    return old, content
+
+
 def message_file(entry: QueueEntry, content: bytes) -> bytes:
     """What ``messages/ID.msg`` holds: header line, envelope, content."""
     envelope = entry.to_json()
@@ -483,9 +491,7 @@ async def test_refuses_a_size_that_lies_and_an_id_in_use(
 async def test_refuses_an_id_an_older_layout_message_holds(
     store: FilesystemStore, queue_dir: Path
 ) -> None:
-    content = b"Subject: old\r\n\r\nqueued before the upgrade\r\n"
-    old = an_entry(content)
-    write_old_layout(queue_dir, old, content)
+    old, content = an_old_layout_message(queue_dir)
     clash = dataclasses.replace(an_entry(), queue_id=old.queue_id)
     with pytest.raises(StoreError, match="already in use"):
         await store.add(clash, b"Subject: hi\r\n\r\nhello\r\n")
@@ -1123,9 +1129,7 @@ async def test_messages_of_the_two_file_layout_are_served_as_before(
     store: FilesystemStore, queue_dir: Path
 ) -> None:
     """A relay upgraded in place keeps what it queued before, and drains it."""
-    content = b"Subject: old\r\n\r\nqueued before the upgrade\r\n"
-    old = an_entry(content)
-    write_old_layout(queue_dir, old, content)
+    old, content = an_old_layout_message(queue_dir)
     new = an_entry()
     await store.add(new, b"Subject: hi\r\n\r\nhello\r\n")
     assert store.recover().kept == tuple(sorted([old.queue_id, new.queue_id]))
