@@ -1,0 +1,267 @@
+"""Segment files: many records per file, one write and one fdatasync per batch.
+
+The groundwork of a log-structured store (not used by the filesystem store
+yet). A file per message costs the writer thread seven system calls and a new
+inode per message; appending a whole batch to a segment costs one ``writev``
+and one ``fdatasync``, and no inode at all (docs/benchmarks.md, issue 3).
+
+A segment is ``NNNNNNNNNNNN.seg`` in its directory, records back to back::
+
+    TXR1 <kind> <queue id> <length, 8 hex> <CRC-32, 8 hex>\\n<payload>
+
+``kind`` is ``A`` (a message: the payload is what ``messages/ID.msg`` would
+hold) or ``T`` (a tombstone: the message is gone; no payload). The CRC covers
+the kind, the id and the payload. A crash can leave the last record of the
+last segment incomplete, or (a file system that extended the file before its
+data reached the disk) followed by zeros: :func:`scan` stops at the first
+record that is not whole and sound, and says what it found there, for
+recovery to judge by where the segment sits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from txstarttls.queue.files import READ_FLAGS, fsync_directory
+from txstarttls.queue.ids import checked_id
+
+MAGIC: Final = b"TXR1 "
+ADD: Final = b"A"
+TOMBSTONE: Final = b"T"
+KINDS: Final = frozenset({ADD, TOMBSTONE})
+HEADER_SIZE: Final = len(MAGIC) + 1 + 1 + 18 + 1 + 8 + 1 + 8 + 1
+MAX_PAYLOAD: Final = 0xFFFFFFFF
+SEGMENT_LIMIT: Final = 64 * 1024 * 1024
+"""A segment takes no new batch once it is this large."""
+SCAN_CHUNK: Final = 1024 * 1024
+IOV_MAX: Final = 1024
+CREATE_FLAGS: Final = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+)
+
+_HEADER: Final = re.compile(
+    rb"TXR1 ([AT]) ([0-9A-F]{18}) ([0-9a-f]{8}) ([0-9a-f]{8})\n", re.ASCII
+)
+_SEGMENT_NAME: Final = re.compile(r"([0-9]{12})\.seg")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record of a segment: where its payload lies."""
+
+    kind: bytes
+    queue_id: str
+    offset: int
+    """Of the payload, from the start of the segment."""
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """What :func:`scan` found in one segment."""
+
+    records: tuple[Record, ...]
+    valid_end: int
+    """Where the last whole record ends: the segment's sound length."""
+    problem: str | None
+    """Why the scan stopped before the end of the file, or None."""
+
+
+def _crc(kind: bytes, queue_id: bytes, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(queue_id, zlib.crc32(kind)))
+
+
+def encode_record(kind: bytes, queue_id: str, payload: bytes = b"") -> bytes:
+    """The bytes of one record; ValueError before anything can be written."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}")
+    if kind == TOMBSTONE and payload:
+        raise ValueError("a tombstone has no payload")
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"a record holds at most {MAX_PAYLOAD} octets")
+    identifier = checked_id(queue_id).encode("ascii")
+    crc = _crc(kind, identifier, payload)
+    header = b"%s%s %s %08x %08x\n" % (MAGIC, kind, identifier, len(payload), crc)
+    return header + payload
+
+
+def segment_name(sequence: int) -> str:
+    return f"{sequence:012d}.seg"
+
+
+def segment_numbers(directory: Path) -> list[int]:
+    """The sequence numbers of the segments in ``directory``, oldest first."""
+    numbers = []
+    for name in os.listdir(directory):
+        found = _SEGMENT_NAME.fullmatch(name)
+        if found:
+            numbers.append(int(found.group(1)))
+    return sorted(numbers)
+
+
+def scan(path: Path | str) -> Scan:
+    """Every whole, sound record of a segment, in order."""
+    records: list[Record] = []
+    fd = os.open(path, READ_FLAGS)
+    try:
+        size = os.fstat(fd).st_size
+        position = 0
+        while position < size:
+            problem = _check_record(fd, position, size, records)
+            if problem is not None:
+                return Scan(tuple(records), position, problem)
+            position = records[-1].offset + records[-1].length
+        return Scan(tuple(records), position, None)
+    finally:
+        os.close(fd)
+
+
+def _check_record(
+    fd: int, position: int, size: int, records: list[Record]
+) -> str | None:
+    """Append the record at ``position`` to ``records``, or say what is wrong."""
+    if size - position < HEADER_SIZE:
+        return "incomplete record header at the end"
+    found = _HEADER.fullmatch(os.pread(fd, HEADER_SIZE, position))
+    if found is None:
+        return "no record header"
+    kind, identifier, length_hex, crc_hex = found.groups()
+    length = int(length_hex, 16)
+    start = position + HEADER_SIZE
+    if start + length > size:
+        return "incomplete record at the end"
+    if kind == TOMBSTONE and length:
+        return "a tombstone with a payload"
+    if _payload_crc(fd, kind, identifier, start, length) != int(crc_hex, 16):
+        return "checksum mismatch"
+    records.append(Record(kind, identifier.decode("ascii"), start, length))
+    return None
+
+
+def _payload_crc(
+    fd: int, kind: bytes, identifier: bytes, start: int, length: int
+) -> int:
+    crc = zlib.crc32(identifier, zlib.crc32(kind))
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(SCAN_CHUNK, length - done), start + done)
+        if not chunk:
+            return -1
+        crc = zlib.crc32(chunk, crc)
+        done += len(chunk)
+    return crc
+
+
+def read_payload(path: Path | str, record: Record) -> bytes:
+    """The payload of ``record``; OSError if the segment is shorter."""
+    fd = os.open(path, READ_FLAGS)
+    try:
+        data = os.pread(fd, record.length, record.offset)
+    finally:
+        os.close(fd)
+    if len(data) != record.length:
+        raise OSError(f"segment {path} ends inside the record of {record.queue_id}")
+    return data
+
+
+class SegmentWriter:
+    """Appends batches of records to the newest segment of one directory.
+
+    Used from one thread. A new segment is created exclusively, with the next
+    free sequence number, so writers in several processes never share one;
+    with ``durable`` its directory entry is fsynced before its first batch
+    is acknowledged.
+    """
+
+    def __init__(
+        self, directory: Path, *, durable: bool, limit: int = SEGMENT_LIMIT
+    ) -> None:
+        self.directory = directory
+        self._durable = durable
+        self._limit = limit
+        self._fd: int | None = None
+        self.sequence = 0
+        self._size = 0
+
+    def append(self, records: Sequence[bytes]) -> list[Record]:
+        """Write ``records`` (from :func:`encode_record`) as one batch.
+
+        Returns where each landed. Durable (one ``fdatasync``) when it returns,
+        if the writer is; on OSError nothing of the batch may be relied on.
+        """
+        if not records:
+            return []
+        fd = self._segment()
+        start = self._size
+        total = sum(map(len, records))
+        try:
+            _write_all(fd, records, total)
+            if self._durable:
+                os.fdatasync(fd)
+        except OSError:
+            # The tail of this segment is now unknown: start a new one.
+            self.close()
+            raise
+        self._size += total
+        placed = []
+        position = start
+        for data in records:
+            found = _HEADER.match(data)
+            assert found is not None
+            kind, identifier = found.group(1), found.group(2).decode("ascii")
+            placed.append(
+                Record(
+                    kind, identifier, position + HEADER_SIZE, len(data) - HEADER_SIZE
+                )
+            )
+            position += len(data)
+        if self._size >= self._limit:
+            self.close()
+        return placed
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _segment(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        sequence = max(segment_numbers(self.directory), default=0) + 1
+        while True:
+            path = self.directory / segment_name(sequence)
+            try:
+                fd = os.open(path, CREATE_FLAGS, 0o600)
+            except FileExistsError:
+                sequence += 1
+                continue
+            break
+        if self._durable:
+            try:
+                os.fsync(fd)
+                fsync_directory(str(self.directory))
+            except OSError:
+                os.close(fd)
+                raise
+        self._fd, self.sequence, self._size = fd, sequence, 0
+        return fd
+
+
+def _write_all(fd: int, records: Sequence[bytes], total: int) -> None:
+    """One ``writev`` for the batch, more only if the kernel takes less."""
+    buffers: list[bytes | memoryview] = list(records)
+    written = 0
+    while written < total:
+        done = os.writev(fd, buffers[:IOV_MAX])
+        written += done
+        while buffers and done >= len(buffers[0]):
+            done -= len(buffers[0])
+            buffers.pop(0)
+        if done:
+            buffers[0] = memoryview(buffers[0])[done:]
