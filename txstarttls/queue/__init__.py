@@ -23,6 +23,7 @@ The modules, from the bottom up:
 ``messagefile`` the one-file message format, and reading either layout
 ``operations``  add, update and remove, as phases of a batch
 ``incoming``    the ``incoming/`` drop and its adoption
+``segments``    segment files of appended records (groundwork, not used yet)
 ``writer``      the writer thread and its group commit
 ``recovery``    start-up recovery after a crash
 ``filesystem``  FilesystemStore, which ties them together
