@@ -11,11 +11,12 @@ A segment is ``NNNNNNNNNNNN.seg`` in its directory, records back to back::
 
 ``kind`` is ``A`` (a message: the payload is what ``messages/ID.msg`` would
 hold) or ``T`` (a tombstone: the message is gone; no payload). The CRC covers
-the kind, the id and the payload. A crash can leave the last record of the
-last segment incomplete, or (a file system that extended the file before its
-data reached the disk) followed by zeros: :func:`scan` stops at the first
-record that is not whole and sound, and says what it found there, for
-recovery to judge by where the segment sits.
+the kind, the id and the payload. A crash, or a write that failed (the
+writer then moves on to a new segment), can leave a segment's last batch
+incomplete, or (a file system that extended the file before its data reached
+the disk) zeros in its place: :func:`scan` stops at the first record that is
+not whole and sound, and says what it found there. Such a batch was never
+acknowledged; a bad record with sound ones after it is damage.
 """
 
 from __future__ import annotations
