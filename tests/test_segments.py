@@ -17,6 +17,7 @@ from txstarttls.queue.segments import (
     TOMBSTONE,
     SegmentWriter,
     encode_record,
+    read_log,
     read_payload,
     scan,
     segment_name,
@@ -188,3 +189,46 @@ def test_zeros_where_a_record_should_start_are_reported(tmp_path: Path) -> None:
     found = scan(segment)
     assert found.records == tuple(placed)
     assert found.problem == "no record header"
+
+
+def test_the_log_is_what_was_added_less_what_was_removed(tmp_path: Path) -> None:
+    writer = SegmentWriter(tmp_path, durable=False, limit=1)  # a segment per batch
+    first = writer.append(a_batch(3))
+    writer.append([encode_record(TOMBSTONE, IDS[1])])
+    writer.append(
+        [encode_record(ADD, IDS[4], b"late"), encode_record(TOMBSTONE, IDS[4])]
+    )
+    writer.close()
+    state = read_log(tmp_path)
+    assert state.sequences == (1, 2, 3)
+    assert {queue_id: logged.record for queue_id, logged in state.live.items()} == {
+        IDS[0]: first[0],
+        IDS[2]: first[2],
+    }
+    assert state.live[IDS[2]].sequence == 1
+    assert state.removed == {IDS[1], IDS[4]}
+    assert state.problems == ()
+
+
+def test_reading_the_log_reports_damage_and_skips_freed_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = SegmentWriter(tmp_path, durable=False, limit=1)
+    writer.append(a_batch(1))
+    writer.append(a_batch(2)[1:])
+    writer.close()
+    with (tmp_path / segment_name(2)).open("ab") as file:
+        file.write(b"TXR1 A")  # a batch cut short by a crash
+    # Segment 1 is freed by a relay between listing and reading.
+    real_listdir = os.listdir
+
+    def listing_then_freeing(path: Any) -> list[str]:
+        names = real_listdir(path)
+        (tmp_path / segment_name(1)).unlink()
+        return names
+
+    monkeypatch.setattr(os, "listdir", listing_then_freeing)
+    state = read_log(tmp_path)
+    assert state.sequences == (2,)
+    assert list(state.live) == [IDS[1]]
+    assert state.problems == ((2, "incomplete record header at the end"),)

@@ -123,6 +123,56 @@ def scan(path: Path | str) -> Scan:
         os.close(fd)
 
 
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """Where a live message's record lies: its segment and the record."""
+
+    sequence: int
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class LogState:
+    """What the segments of a directory hold, read oldest first."""
+
+    live: dict[str, Logged]
+    """Messages added and not removed, by queue id."""
+    removed: frozenset[str]
+    """Queue ids with a tombstone (their record may be gone with its segment)."""
+    sequences: tuple[int, ...]
+    """The segments read, oldest first."""
+    problems: tuple[tuple[int, str], ...]
+    """(segment, what :func:`scan` said) for each segment that ended early."""
+
+
+def read_log(directory: Path) -> LogState:
+    """Every segment in ``directory``, oldest first: who is live, who removed.
+
+    A tombstone removes the message whether its record is in the same
+    segment or an older one. A segment deleted meanwhile (by a relay freeing
+    it while this reads) is skipped: everything in it was removed.
+    """
+    live: dict[str, Logged] = {}
+    removed: set[str] = set()
+    read: list[int] = []
+    problems: list[tuple[int, str]] = []
+    for sequence in segment_numbers(directory):
+        try:
+            found = scan(directory / segment_name(sequence))
+        except FileNotFoundError:
+            continue
+        read.append(sequence)
+        if found.problem is not None:
+            problems.append((sequence, found.problem))
+        for record in found.records:
+            if record.kind == ADD:
+                live[record.queue_id] = Logged(sequence, record)
+            else:
+                live.pop(record.queue_id, None)
+                removed.add(record.queue_id)
+    return LogState(live, frozenset(removed), tuple(read), tuple(problems))
+
+
 def _check_record(
     fd: int, position: int, size: int, records: list[Record]
 ) -> str | None:
