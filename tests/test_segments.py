@@ -17,6 +17,7 @@ from txstarttls.queue.segments import (
     TOMBSTONE,
     SegmentWriter,
     encode_record,
+    open_payload,
     read_log,
     read_payload,
     scan,
@@ -232,3 +233,36 @@ def test_reading_the_log_reports_damage_and_skips_freed_segments(
     assert state.sequences == (2,)
     assert list(state.live) == [IDS[1]]
     assert state.problems == ((2, "incomplete record header at the end"),)
+
+
+def test_a_payload_opens_as_a_file_of_its_own(tmp_path: Path) -> None:
+    writer = SegmentWriter(tmp_path, durable=False)
+    big = bytes(range(256)) * 4096  # past any buffer size
+    placed = writer.append(
+        [*a_batch(1), encode_record(ADD, IDS[6], big), *a_batch(2)[1:]]
+    )
+    writer.close()
+    segment = tmp_path / segment_name(writer.sequence)
+    with open_payload(segment, placed[1]) as payload:
+        assert payload.read(3) == big[:3]
+        assert payload.tell() == 3
+        payload.seek(len(big) - 10)
+        assert payload.read() == big[-10:]
+        assert payload.read() == b""
+        payload.seek(-5, os.SEEK_END)
+        assert payload.read(100) == big[-5:]
+        payload.seek(0)
+        assert payload.read() == big
+    with open_payload(segment, placed[2]) as payload:
+        assert payload.read() == a_batch(2)[1][HEADER_SIZE:]
+
+
+def test_a_payload_file_gives_its_descriptor_back(tmp_path: Path) -> None:
+    writer = SegmentWriter(tmp_path, durable=False)
+    (record,) = writer.append(a_batch(1))
+    writer.close()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with open_payload(tmp_path / segment_name(writer.sequence), record) as payload:
+            payload.read()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -21,13 +21,14 @@ acknowledged; a bad record with sound ones after it is damage.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, BinaryIO, Final
 
 from txstarttls.queue.files import READ_FLAGS, fsync_directory
 from txstarttls.queue.ids import checked_id
@@ -219,6 +220,58 @@ def read_payload(path: Path | str, record: Record) -> bytes:
     if len(data) != record.length:
         raise OSError(f"segment {path} ends inside the record of {record.queue_id}")
     return data
+
+
+def open_payload(path: Path | str, record: Record) -> BinaryIO:
+    """The payload of ``record`` as a file of its own: reads end where it ends.
+
+    For streaming a large message out of its segment; seekable within the
+    payload, so a reader can skip a message's header and envelope.
+    """
+    fd = os.open(path, READ_FLAGS)
+    return io.BufferedReader(_Slice(fd, record.offset, record.length))
+
+
+class _Slice(io.RawIOBase):
+    """A window on an open file: ``length`` octets from ``start``."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._start = start
+        self._length = length
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self._length - self._position)
+        if wanted <= 0:
+            return 0
+        data = os.pread(self._fd, wanted, self._start + self._position)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}
+        position = base[whence] + offset
+        if position < 0:
+            raise ValueError(f"negative seek position {position}")
+        self._position = position
+        return position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 class SegmentWriter:
