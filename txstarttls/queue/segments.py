@@ -15,8 +15,9 @@ the kind, the id and the payload. A crash, or a write that failed (the
 writer then moves on to a new segment), can leave a segment's last batch
 incomplete, or (a file system that extended the file before its data reached
 the disk) zeros in its place: :func:`scan` stops at the first record that is
-not whole and sound, and says what it found there. Such a batch was never
-acknowledged; a bad record with sound ones after it is damage.
+not whole and sound, and says what it found there. A cut-short last batch
+was never acknowledged; whether a bad record is that or damage is for
+recovery to judge, by where it sits.
 """
 
 from __future__ import annotations
