@@ -354,8 +354,7 @@ class ESMTPClient(LineReceiver):
             # Only reachable if a TLS layer delivered data before verification.
             self._abort(ProtocolViolation("data arrived before TLS was verified"))
             return
-        if self._transcript is not None:
-            self._transcript("S", line)
+        self._record("S", line)
         try:
             reply = self._parser.feed(line)
         except ProtocolViolation as error:
@@ -488,16 +487,17 @@ class ESMTPClient(LineReceiver):
 
     def mail(self, sender: str, parameters: Sequence[str] = ()) -> Deferred[Reply]:
         """MAIL FROM; ``parameters`` are ``KEY`` or ``KEY=value`` strings."""
-        return self._command(
-            b"MAIL FROM:" + self._path(sender, null=True) + self._params(parameters),
-            Phase.MAIL,
-        )
+        return self._command(self._mail_line(sender, parameters), Phase.MAIL)
 
     def rcpt(self, recipient: str, parameters: Sequence[str] = ()) -> Deferred[Reply]:
-        return self._command(
-            b"RCPT TO:" + self._path(recipient, null=False) + self._params(parameters),
-            Phase.RCPT,
-        )
+        return self._command(self._rcpt_line(recipient, parameters), Phase.RCPT)
+
+    def _mail_line(self, sender: str, parameters: Sequence[str]) -> bytes:
+        return b"MAIL FROM:" + self._path(sender, null=True) + self._params(parameters)
+
+    def _rcpt_line(self, recipient: str, parameters: Sequence[str]) -> bytes:
+        path = self._path(recipient, null=False)
+        return b"RCPT TO:" + path + self._params(parameters)
 
     def data(self) -> Deferred[Reply]:
         """DATA; a 354 means the caller may now send the encoded body."""
@@ -520,12 +520,9 @@ class ESMTPClient(LineReceiver):
         """
         phases = [Phase.MAIL]
         try:
-            lines = [
-                b"MAIL FROM:" + self._path(sender, null=True) + self._params(parameters)
-            ]
+            lines = [self._mail_line(sender, parameters)]
             for recipient, rcpt_parameters in recipients:
-                path = self._path(recipient, null=False)
-                lines.append(b"RCPT TO:" + path + self._params(rcpt_parameters))
+                lines.append(self._rcpt_line(recipient, rcpt_parameters))
                 phases.append(Phase.RCPT)
         except SMTPError as error:
             return fail(error)
@@ -546,8 +543,7 @@ class ESMTPClient(LineReceiver):
             waiter = _BatchWaiter(phase, self._phase_seconds[phase], now, batch)
             self._waiters.append(waiter)
             self._arm(waiter, now)
-            if self._transcript is not None:
-                self._transcript("C", line)
+            self._record("C", line)
         write_now(self.transport, payload)
         return batch.deferred
 
@@ -673,8 +669,7 @@ class ESMTPClient(LineReceiver):
             return fail(refusal)
         assert self.transport is not None
         waiter = self._expect(phase, seconds=seconds)
-        if self._transcript is not None:
-            self._transcript("C", shown)
+        self._record("C", shown)
         write_now(self.transport, data)
         return waiter
 
