@@ -19,7 +19,6 @@ from txstarttls.queue.segments import (
     encode_record,
     open_payload,
     read_log,
-    read_payload,
     scan,
     segment_name,
     segment_numbers,
@@ -62,7 +61,8 @@ def test_a_batch_is_read_back_in_order(tmp_path: Path) -> None:
     assert found.valid_end == segment.stat().st_size == sum(map(len, batch))
     assert [r.queue_id for r in found.records] == IDS[:3]
     for record, data in zip(found.records, batch, strict=True):
-        assert read_payload(segment, record) == data[HEADER_SIZE:]
+        with open_payload(segment, record) as payload:
+            assert payload.read() == data[HEADER_SIZE:]
 
 
 def test_one_writev_and_one_fdatasync_per_batch(

@@ -211,18 +211,6 @@ def _payload_crc(
     return crc
 
 
-def read_payload(path: Path | str, record: Record) -> bytes:
-    """The payload of ``record``; OSError if the segment is shorter."""
-    fd = os.open(path, READ_FLAGS)
-    try:
-        data = os.pread(fd, record.length, record.offset)
-    finally:
-        os.close(fd)
-    if len(data) != record.length:
-        raise OSError(f"segment {path} ends inside the record of {record.queue_id}")
-    return data
-
-
 def open_payload(path: Path | str, record: Record) -> BinaryIO:
     """The payload of ``record`` as a file of its own: reads end where it ends.
 
